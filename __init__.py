@@ -1,0 +1,24 @@
+"""infimm: InfiMM vision-language models for transformers.
+
+The three `*_infimm.py` modules are also the Hub remote code of a saved model; this package re-exports them.
+"""
+
+from .configuration_infimm import PRESETS, InfiMMConfig
+from .modeling_infimm import InfiMMForConditionalGeneration, InfiMMModel, InfiMMPreTrainedModel
+
+try:
+    from .processing_infimm import InfiMMImageProcessor, InfiMMProcessor
+except ImportError:  # pragma: no cover - the processor module is optional while it is being built
+    pass
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRESETS",
+    "InfiMMConfig",
+    "InfiMMModel",
+    "InfiMMForConditionalGeneration",
+    "InfiMMPreTrainedModel",
+    "InfiMMProcessor",
+    "InfiMMImageProcessor",
+]
