@@ -1,0 +1,1 @@
+"""Conversion of InfiMM checkpoints into Hub-ready folders of sharded safetensors."""
