@@ -286,6 +286,16 @@ def _real_image_slots(pixel_values, image_mask, num_image_tokens) -> torch.Tenso
     return real
 
 
+def _rows_per_image_row(text_rows: int, image_rows: int) -> int:
+    """How many consecutive text rows share one row of `pixel_values` (1, or the beam / sequence count)."""
+    if image_rows == 0 or text_rows % image_rows:
+        raise ValueError(
+            f"`pixel_values` has {image_rows} rows but `input_ids` has {text_rows}; give one row of images per "
+            "sample (generate() keeps one row per prompt and shares it across beams and returned sequences)."
+        )
+    return text_rows // image_rows
+
+
 def _token_image_mask(media_index: torch.Tensor, num_images: int, num_latents: int):
     """Cross-attention mask from each token's image number (0 = before any image; k = k-th image).
 
@@ -400,24 +410,30 @@ class InfiMMModel(InfiMMPreTrainedModel):
                 )
             return None, None
         pixel_values = _as_image_batch(pixel_values)
+        repeat = _rows_per_image_row(input_ids.shape[0], pixel_values.shape[0])
         if past_length == 0:
-            real = _real_image_slots(pixel_values, image_mask, num_image_tokens)
+            per_row_tokens = num_image_tokens[::repeat]
+            if repeat > 1 and (num_image_tokens.view(-1, repeat) != per_row_tokens[:, None]).any():
+                raise ValueError("Text rows sharing one row of `pixel_values` must hold the same number of images.")
+            real = _real_image_slots(pixel_values, image_mask, per_row_tokens)
             media_index = is_media.cumsum(1)
         else:
             # Continuing a cached sequence without an image cache: every new token follows the last image.
-            real = (image_mask.bool() if image_mask is not None else pixel_values.flatten(2).ne(0).any(-1))
-            media_index = real.sum(1, keepdim=True).expand_as(input_ids)
-        num_images = real.sum(1).to(input_ids.device)
+            real = image_mask.bool() if image_mask is not None else pixel_values.flatten(2).ne(0).any(-1)
+            media_index = real.sum(1).repeat_interleave(repeat)[:, None].expand_as(input_ids)
+        num_images = real.sum(1).to(input_ids.device).repeat_interleave(repeat)
         has_media = num_images > 0
         if not bool(has_media.any()):
             return None, None
 
-        # Encode real images only; batch padding never reaches the tower.
+        # Encode real images only, once per row of `pixel_values`: batch padding never reaches the tower, and
+        # beams / returned sequences of one prompt share its encoding.
         latents = self.get_image_features(pixel_values[real])
         max_images, num_latents = int(num_images.max()), latents.shape[1]
-        packed = latents.new_zeros(input_ids.shape[0], max_images, num_latents, latents.shape[-1])
+        packed = latents.new_zeros(pixel_values.shape[0], max_images, num_latents, latents.shape[-1])
         rows, _ = real.nonzero(as_tuple=True)
         packed[rows, (real.cumsum(1) - 1)[real]] = latents
+        packed = packed.repeat_interleave(repeat, dim=0) if repeat > 1 else packed
         mask, no_media = _token_image_mask(media_index.clamp(max=max_images), max_images, num_latents)
         image_inputs = _ImageInputs(
             has_media=has_media,
@@ -558,6 +574,16 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
             image_hidden_states=outputs.image_hidden_states,
             image_cache=outputs.image_cache,
         )
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # Beams and returned sequences of one prompt share its images: keep one row of pixels per prompt so each
+        # image is encoded once (the forward repeats the resampled latents instead).
+        images = {key: model_kwargs.pop(key) for key in ("pixel_values", "image_mask") if key in model_kwargs}
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        model_kwargs.update(images)
+        return input_ids, model_kwargs
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs, is_encoder_decoder=False, num_new_tokens=1):
         model_kwargs = super()._update_model_kwargs_for_generation(

@@ -1,0 +1,141 @@
+"""Image keys/values are computed once per generate() call and reused; padding images are never encoded."""
+
+import copy
+import threading
+
+import pytest
+import torch
+from transformers import TextIteratorStreamer
+
+from conftest import REFERENCE_DIR, tiny_model
+
+IMAGE, EOC = 32001, 32000
+
+
+def _prompt_batch():
+    """Two left-padded prompts: one image, then three images (the first sample's image slots are padded)."""
+    pad = 2
+    ids = torch.tensor(
+        [
+            [pad, pad, pad, pad, pad, pad, 1, EOC, IMAGE, 11, 12, 13],
+            [1, EOC, IMAGE, 5, EOC, IMAGE, 6, 7, EOC, IMAGE, 8, 9],
+        ]
+    )
+    mask = (torch.arange(ids.shape[1]) >= torch.tensor([[6], [0]])).long()
+    torch.manual_seed(1)
+    pixels = torch.randn(2, 3, 3, 28, 28)
+    pixels[0, 1:] = 0
+    image_mask = torch.tensor([[True, False, False], [True, True, True]])
+    return ids, mask, pixels, image_mask
+
+
+class _CallCounter:
+    def __init__(self, modules):
+        self.calls = 0
+        self.rows = 0
+        self.handles = [m.register_forward_hook(self._hook) for m in modules]
+
+    def _hook(self, module, args, output):
+        self.calls += 1
+        self.rows += args[0].shape[0]
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def test_cached_image_key_values_equal_recomputed():
+    model = tiny_model()
+    ids, mask, pixels, image_mask = _prompt_batch()
+    prefill = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                    pixel_values=pixels, image_mask=image_mask, use_cache=True)
+    assert len(prefill.image_cache) == len(model.config.cross_attention_layers)
+    next_ids = prefill.logits[:, -1].argmax(-1, keepdim=True)
+    step_mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
+    positions = step_mask.sum(1, keepdim=True) - 1
+
+    cached = model(
+        input_ids=next_ids, attention_mask=step_mask, position_ids=positions,
+        past_key_values=copy.deepcopy(prefill.past_key_values), image_cache=prefill.image_cache,
+    )
+    recomputed = model(
+        input_ids=next_ids, attention_mask=step_mask, position_ids=positions,
+        past_key_values=copy.deepcopy(prefill.past_key_values), pixel_values=pixels, image_mask=image_mask,
+    )
+    # Independent of both: the whole sequence again, no cache at all (left padding -> explicit positions).
+    full_ids = torch.cat([ids, next_ids], dim=1)
+    full_positions = (step_mask.cumsum(1) - 1).clamp(min=0)
+    full = model(input_ids=full_ids, attention_mask=step_mask, position_ids=full_positions,
+                 pixel_values=pixels, image_mask=image_mask, use_cache=False)
+    torch.testing.assert_close(cached.logits[:, -1], recomputed.logits[:, -1], rtol=0, atol=1e-6)
+    torch.testing.assert_close(cached.logits[:, -1], full.logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_decode_steps_never_project_image_keys_values():
+    model = tiny_model()
+    ids, mask, pixels, image_mask = _prompt_batch()
+    blocks = list(model.model.cross_attention_layers.values())
+    counter = _CallCounter([block.attn.to_kv for block in blocks])
+    new_tokens = 6
+    out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_mask=image_mask,
+                         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    counter.remove()
+    assert out.shape[1] == ids.shape[1] + new_tokens
+    assert counter.calls == len(blocks)  # prefill only, once per block
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_padding_images_never_reach_the_vision_tower(num_beams):
+    model = tiny_model()
+    ids, mask, pixels, image_mask = _prompt_batch()
+    counter = _CallCounter([model.model.vision_tower.timm_model.patch_embed])
+    model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_mask=image_mask,
+                   max_new_tokens=3, do_sample=False, num_beams=num_beams)
+    counter.remove()
+    assert counter.calls == 1
+    assert counter.rows == int(image_mask.sum())  # 4 real images, however many beams
+
+
+def test_padding_images_skipped_without_image_mask():
+    """Without `image_mask`, the `<image>` token count of each sample says which slots are real."""
+    model = tiny_model()
+    ids, mask, pixels, _ = _prompt_batch()
+    counter = _CallCounter([model.model.vision_tower.timm_model.patch_embed])
+    model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    counter.remove()
+    assert counter.rows == 4
+
+
+def test_beam_search_matches_expanded_images():
+    """Sharing one encoding across beams gives the same beams as feeding every beam its own copy of the pixels."""
+    model = tiny_model()
+    ids, mask, pixels, image_mask = _prompt_batch()
+    shared = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_mask=image_mask,
+                            max_new_tokens=4, do_sample=False, num_beams=2)
+    for row in range(ids.shape[0]):
+        keep = mask[row].bool()
+        alone = model.generate(input_ids=ids[row : row + 1, keep], pixel_values=pixels[row : row + 1],
+                               image_mask=image_mask[row : row + 1], max_new_tokens=4, do_sample=False, num_beams=2)
+        assert shared[row, -4:].tolist() == alone[0, -4:].tolist()
+
+
+def test_static_cache_and_streamer_give_default_tokens():
+    from transformers import AutoTokenizer
+
+    model = tiny_model()
+    ids, mask, pixels, image_mask = _prompt_batch()
+    kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_mask=image_mask,
+                  max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    default = model.generate(**kwargs)
+    static = model.generate(**kwargs, cache_implementation="static")
+    assert static.tolist() == default.tolist()
+
+    tokenizer = AutoTokenizer.from_pretrained(REFERENCE_DIR)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    single = {k: (v[1:] if torch.is_tensor(v) else v) for k, v in kwargs.items()}
+    thread = threading.Thread(target=model.generate, kwargs={**single, "streamer": streamer})
+    thread.start()
+    streamed = "".join(streamer)
+    thread.join()
+    assert streamed == tokenizer.decode(default[1, ids.shape[1]:])
