@@ -369,6 +369,13 @@ class InfiMMModel(InfiMMPreTrainedModel):
             layer.register_forward_pre_hook(partial(_cross_attention_pre_hook, block), with_kwargs=True)
         self.post_init()
 
+    def enable_vision_checkpointing(self, enable: bool = True):
+        """Activation checkpointing inside the timm tower (the model-wide switch reaches only transformers layers).
+
+        The tower is frozen in every InfiMM training stage, so this only pays off when it is trained.
+        """
+        self.vision_tower.timm_model.set_grad_checkpointing(enable)
+
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
 
@@ -524,6 +531,9 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values)
+
+    def enable_vision_checkpointing(self, enable: bool = True):
+        self.model.enable_vision_checkpointing(enable)
 
     def forward(
         self,
