@@ -7,7 +7,7 @@ from .configuration_infimm import PRESETS, InfiMMConfig
 from .modeling_infimm import InfiMMForConditionalGeneration, InfiMMModel, InfiMMPreTrainedModel
 
 try:
-    from .processing_infimm import InfiMMImageProcessor, InfiMMProcessor
+    from .processing_infimm import InfiMMImageProcessor, InfiMMImageProcessorFast, InfiMMProcessor
 except ImportError:  # pragma: no cover - the processor module is optional while it is being built
     pass
 
@@ -21,4 +21,5 @@ __all__ = [
     "InfiMMPreTrainedModel",
     "InfiMMProcessor",
     "InfiMMImageProcessor",
+    "InfiMMImageProcessorFast",
 ]

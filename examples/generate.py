@@ -1,0 +1,152 @@
+"""Ask InfiMM about one or more images; the answer is streamed as it is generated.
+
+    python examples/generate.py --model path/or/hub-id --image photo.jpg --prompt "What is in this picture?"
+    python examples/generate.py --model path/or/hub-id --image a.jpg b.jpg --prompt "What differs between them?"
+    python examples/generate.py --model Infi-MM/infimm-zephyr --image photo.jpg    # an original release, read directly
+    python examples/generate.py    # no download: a small random-weight InfiMM, to check an installation
+
+Without `--model` the script builds a scaled-down `infimm-zephyr` with random weights and the real tokenizer shipped
+in the package, saves it as a Hub-style folder, loads it back through `AutoModelForImageTextToText` and `AutoProcessor`
+with `trust_remote_code=True`, and generates. Its answer is noise: the point is that every step runs.
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from infimm import InfiMMConfig, InfiMMForConditionalGeneration, InfiMMProcessor
+from infimm.hub_infimm import bundled_tokenizer, sample_image_path, save_hub_folder
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    PretrainedConfig,
+    TextStreamer,
+)
+
+
+RANDOM_WEIGHTS_NOTICE = (
+    "NOTE: this model has RANDOM weights (no --model given), so the answer below is meaningless. It shows that "
+    "building, saving, loading and generating work end to end."
+)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="InfiMM folder or Hub repo id; omitted: a small random-weight model")
+    parser.add_argument("--image", nargs="+", help="image paths or http(s) URLs (default: the bundled sample chart)")
+    parser.add_argument("--prompt", default="Please explain this image to me.")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default: the model's generation config (20 for the random model)")
+    parser.add_argument("--greedy", action="store_true", help="disable sampling (the release samples with top_p=0.5)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--output", help="where to save the random model's folder (default: a temporary folder)")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def build_random_model(folder: Path, seed: int) -> Path:
+    """A scaled-down `infimm-zephyr` (real vocabulary, tokenizer and 336 px images) saved as a Hub-style folder."""
+    config = InfiMMConfig.from_preset(
+        "infimm-zephyr",
+        text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "max_position_embeddings": 2048},
+        vision_config={"model_args": {"embed_dim": 64, "depth": 2, "num_heads": 2}},
+        resampler_depth=2, resampler_num_latents=8, resampler_heads=2, resampler_head_dim=16,
+        cross_attn_heads=2, cross_attn_head_dim=16,
+    )
+    torch.manual_seed(seed)
+    model = InfiMMForConditionalGeneration(config).eval()
+    # Gates start at zero (each block is then an identity); open them so the images reach the language model.
+    for block in model.model.cross_attention_layers.values():
+        torch.nn.init.constant_(block.attn_gate, 1.0)
+        torch.nn.init.constant_(block.ff_gate, 1.0)
+    model.generation_config.max_new_tokens = 20
+    model.generation_config.do_sample = False
+    processor = InfiMMProcessor.from_config(config, bundled_tokenizer("infimm-zephyr"))
+    return save_hub_folder(model, processor, folder)
+
+
+def is_legacy_release(model_id: str) -> bool:
+    """The original release's `config.json` has `visual` / `language` blocks instead of InfiMM's sub-configs."""
+    try:
+        config_dict, _ = PretrainedConfig.get_config_dict(model_id)
+    except OSError as err:
+        sys.exit(f"Could not read a config.json from {model_id!r}: {err}")
+    return "visual" in config_dict and "language" in config_dict
+
+
+def load_legacy(model_id: str, dtype: str):
+    """An original release (folder or repo id) read directly: its weights renamed as `infimm-convert` would."""
+    try:
+        from convert_weights.legacy import load_legacy_model
+    except ImportError:
+        sys.exit(
+            f"{model_id!r} is an original InfiMM release (legacy format) and the `convert_weights` package that reads "
+            "it is not installed. Install this project (`pip install -e .`) or convert the snapshot with "
+            "`infimm-convert --input <snapshot folder> --output <folder>` and pass that folder to --model."
+        )
+    config = InfiMMConfig.from_pretrained(model_id)
+    processor = InfiMMProcessor.from_config(config, AutoTokenizer.from_pretrained(model_id, trust_remote_code=False))
+    model = load_legacy_model(InfiMMForConditionalGeneration, model_id, config=config, dtype=dtype)
+    return model, processor
+
+
+def load(model_id: str, device: str, dtype: str):
+    """Model and processor of an InfiMM folder or Hub repo: Hub-style (remote code included) or an original release."""
+    if is_legacy_release(model_id):
+        model, processor = load_legacy(model_id, dtype)
+    else:
+        processor = AutoProcessor.from_pretrained(model_id, trust_remote_code=True)
+        model = AutoModelForImageTextToText.from_pretrained(model_id, trust_remote_code=True, dtype=dtype)
+    return model.to(device).eval(), processor
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.perf_counter()
+    random_model = args.model is None
+    if random_model:
+        folder = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="infimm-random-"))
+        build_random_model(folder, args.seed)
+        print(f"Saved a random-weight InfiMM (scaled-down infimm-zephyr) to {folder}")
+        model_id = str(folder)
+    else:
+        model_id = args.model
+    images = args.image or [str(sample_image_path())]
+
+    model, processor = load(model_id, args.device, args.dtype)
+    if processor.chat_template is not None:
+        messages = [{"role": "user", "content": [*({"type": "image", "image": image} for image in images),
+                                                 {"type": "text", "text": args.prompt}]}]
+        inputs = processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+    else:  # a pretrained (non-chat) model: the Flamingo layout, images first
+        inputs = processor(text="<image>" * len(images) + args.prompt, images=images, return_tensors="pt")
+    inputs = inputs.to(model.device, dtype=model.dtype)
+
+    if random_model:
+        print(RANDOM_WEIGHTS_NOTICE)
+    print(f"Images: {', '.join(map(str, images))}\nPrompt: {args.prompt}\nAnswer: ", end="", flush=True)
+    generate_kwargs = {}
+    if args.max_new_tokens is not None:
+        generate_kwargs["max_new_tokens"] = args.max_new_tokens
+    if args.greedy:
+        generate_kwargs.update(do_sample=False, top_p=None, top_k=None)
+    torch.manual_seed(args.seed)
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    with torch.inference_mode():
+        output = model.generate(**inputs, streamer=streamer, **generate_kwargs)
+    new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
+    print(f"[{new_tokens} new tokens in {time.perf_counter() - start:.1f} s total]")
+    return processor.post_process_image_text_to_text(output, input_ids=inputs["input_ids"])
+
+
+if __name__ == "__main__":
+    main()
