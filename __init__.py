@@ -5,11 +5,7 @@ The three `*_infimm.py` modules are also the Hub remote code of a saved model; t
 
 from .configuration_infimm import PRESETS, InfiMMConfig
 from .modeling_infimm import InfiMMForConditionalGeneration, InfiMMModel, InfiMMPreTrainedModel
-
-try:
-    from .processing_infimm import InfiMMImageProcessor, InfiMMImageProcessorFast, InfiMMProcessor
-except ImportError:  # pragma: no cover - the processor module is optional while it is being built
-    pass
+from .processing_infimm import InfiMMImageProcessor, InfiMMImageProcessorFast, InfiMMProcessor
 
 __version__ = "0.1.0"
 
