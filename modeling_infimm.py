@@ -184,7 +184,7 @@ class InfiMMCrossAttention(nn.Module):
 
     def key_values(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(batch, n, vision_dim) -> k, v each (batch, heads, n, head_dim)"""
-        k, v = self.to_kv(latents).chunk(2, dim=-1)
+        k, v = self.to_kv(latents.to(self.to_kv.weight.dtype)).chunk(2, dim=-1)
         return _split_heads(k, self.heads), _split_heads(v, self.heads)
 
     def forward(self, hidden_states, key, value, mask=None, no_media=None):
@@ -209,24 +209,29 @@ class InfiMMGatedCrossAttentionBlock(GradientCheckpointingLayer):
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
     def forward(self, hidden_states: torch.Tensor, image_inputs: _ImageInputs) -> torch.Tensor:
+        # `.to(device)` calls are no-ops on one device; with a device map they follow this block's layer.
+        device = hidden_states.device
         if image_inputs.latents is not None:
-            key, value = self.attn.key_values(image_inputs.latents)
+            key, value = self.attn.key_values(image_inputs.latents.to(device))
             if image_inputs.cache is not None:
                 self._cache_last_image(key, value, image_inputs)
-            attn = self.attn(hidden_states, key, value, image_inputs.mask, image_inputs.no_media)
+            attn = self.attn(
+                hidden_states, key, value, image_inputs.mask.to(device), image_inputs.no_media.to(device)
+            )
         else:
             key, value = image_inputs.cache.key_values[self.layer_idx]
             attn = self.attn(hidden_states, key, value)
-        flag = image_inputs.has_media.to(hidden_states.dtype).view(-1, 1, 1)
+        flag = image_inputs.has_media.to(device=device, dtype=hidden_states.dtype).view(-1, 1, 1)
         hidden_states = hidden_states + flag * self.attn_gate.tanh() * attn
         return hidden_states + flag * self.ff_gate.tanh() * self.ff(hidden_states)
 
     def _cache_last_image(self, key, value, image_inputs: _ImageInputs):
         rows = torch.arange(key.shape[0], device=key.device)
+        last = image_inputs.last_image.to(key.device)
         num_images = image_inputs.mask.shape[-1] // image_inputs.num_latents
         # (batch, heads, images * latents, d) -> (batch, heads, images, latents, d) -> each sample's last image
-        key = key.unflatten(2, (num_images, -1))[rows, :, image_inputs.last_image]
-        value = value.unflatten(2, (num_images, -1))[rows, :, image_inputs.last_image]
+        key = key.unflatten(2, (num_images, -1))[rows, :, last]
+        value = value.unflatten(2, (num_images, -1))[rows, :, last]
         image_inputs.cache.key_values[self.layer_idx] = (key, value)
 
 
