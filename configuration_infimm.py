@@ -121,6 +121,14 @@ def _is_legacy_config_dict(config_dict: dict) -> bool:
     return "visual" in config_dict and "language" in config_dict
 
 
+def _legacy_chat_format(language: dict) -> str:
+    """The released chat models follow their LLM's format: Zephyr (Mistral), Vicuna v1.1, Llama-2 chat."""
+    name = str(language.get("_name_or_path", "")).lower()
+    if language.get("model_type") == "mistral" or "zephyr" in name:
+        return "zephyr"
+    return "vicuna" if "vicuna" in name else "llama2"
+
+
 def legacy_config_to_dict(legacy: dict) -> dict:
     """Maps the release's `config.json` (`visual` / `language` blocks) onto `InfiMMConfig` fields."""
     visual, language = legacy["visual"], dict(legacy["language"])
@@ -141,6 +149,7 @@ def legacy_config_to_dict(legacy: dict) -> dict:
     for key in ("_name_or_path", "architectures", "torch_dtype", "transformers_version"):
         language.pop(key, None)
     new = {key: value for key, value in legacy.items() if key not in _LEGACY_DROPPED}
+    new["chat_format"] = _legacy_chat_format(legacy["language"])
     new.update(
         vision_config={"architecture": _LEGACY_EVA_NAMES[eva_name], "model_args": model_args},
         text_config=language,

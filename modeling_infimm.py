@@ -29,7 +29,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import ModelOutput
-from transformers.utils import logging
+from transformers.utils import can_return_tuple, logging
 
 from .configuration_infimm import InfiMMConfig
 
@@ -344,13 +344,20 @@ class InfiMMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
-        elif isinstance(module, InfiMMModel):
-            # The timm wrapper's own init leaves these two parameters out (they are not nn.Linear weights).
-            tower = module.vision_tower.timm_model
-            for name in ("cls_token", "pos_embed"):
-                param = getattr(tower, name, None)
-                if isinstance(param, nn.Parameter):
-                    init.trunc_normal_(param, std=0.02)
+
+    def initialize_weights(self):
+        super().initialize_weights()
+        # timm's `cls_token` / `pos_embed` are bare parameters of the Eva module, which neither the timm wrapper's
+        # init nor a per-module `_init_weights` reaches; initialise them here when the checkpoint lacks them.
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, InfiMMModel):
+                    tower = module.vision_tower.timm_model
+                    for name in ("cls_token", "pos_embed"):
+                        param = getattr(tower, name, None)
+                        if isinstance(param, nn.Parameter) and not getattr(param, "_is_hf_initialized", False):
+                            init.trunc_normal_(param, std=0.02)
+                            param._is_hf_initialized = True
 
 
 class InfiMMModel(InfiMMPreTrainedModel):
@@ -373,6 +380,13 @@ class InfiMMModel(InfiMMPreTrainedModel):
             block = self.cross_attention_layers[str(i)] if str(i) in self.cross_attention_layers else None
             layer.register_forward_pre_hook(partial(_cross_attention_pre_hook, block), with_kwargs=True)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        # A full checkpoint stores this model under `model.`; transformers strips that prefix, but one of its
+        # built-in renames (for `model.language_model.model.*` of other VLMs) fires first and misplaces the LM.
+        key_mapping = {r"^model\.language_model\.model\.": "language_model.model.", **(kwargs.pop("key_mapping", None) or {})}
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, key_mapping=key_mapping, **kwargs)
 
     def enable_vision_checkpointing(self, enable: bool = True):
         """Activation checkpointing inside the timm tower (the model-wide switch reaches only transformers layers).
@@ -458,6 +472,7 @@ class InfiMMModel(InfiMMPreTrainedModel):
         )
         return image_inputs, packed
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -518,6 +533,22 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
         self.model = InfiMMModel(config)
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Also loads a snapshot of the original release (legacy config.json, `pytorch_model.bin`), mapping its
+        config and weight names on the fly, when the `infimm` package (with `convert_weights`) is installed."""
+        try:  # optional and package-only: Hub remote code never needs it
+            from convert_weights.legacy import is_legacy_checkpoint, load_legacy_model
+        except ImportError:
+            is_legacy_checkpoint = load_legacy_model = None
+        if (
+            load_legacy_model is not None
+            and pretrained_model_name_or_path is not None
+            and is_legacy_checkpoint(pretrained_model_name_or_path, **kwargs)
+        ):
+            return load_legacy_model(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
     @property
     def lm_head(self) -> nn.Module:
         return self.model.language_model.get_output_embeddings()
@@ -540,6 +571,7 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
     def enable_vision_checkpointing(self, enable: bool = True):
         self.model.enable_vision_checkpointing(enable)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -1,0 +1,139 @@
+"""References and fixtures-in-code shared by the modeling tests.
+
+- `reference_eva` / `eva_last_block_tokens`: timm's EVA built on its own and a hand-written block loop, the
+  independent reference for the vision features (last block, before the final norm, CLS first);
+- `standalone_lm`: the language model as a plain library class holding the same weights;
+- `perturb_norms`: norm scales and biases away from their init, so a misplaced norm changes the outputs;
+- `one_torch_thread`: an autouse fixture for the modules that import it;
+- `save_remote_code_folder` / `place_in_hub_cache`: a saved model folder as a Hub repo holds it, and the same
+  files arranged as `huggingface_hub` arranges a downloaded snapshot.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from transformers import AutoModelForCausalLM
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_infimm.InfiMMConfig",
+    "AutoModel": "modeling_infimm.InfiMMForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_infimm.InfiMMForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_infimm.InfiMMForConditionalGeneration",
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from a second thread, and on a shared, busy CPU OpenMP's spinning threads make
+    them many times slower; each module that imports this fixture runs on one thread and restores the count."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+# ------------------------------------------------------------------------------------------------- vision
+def reference_eva(config, state_dict=None) -> torch.nn.Module:
+    """timm's own `Eva` for `config.vision_config`, built by `timm.create_model` (no transformers wrapper)."""
+    vision = config.vision_config
+    eva = timm.create_model(vision.architecture, pretrained=False, num_classes=0, **vision.model_args)
+    if state_dict is not None:
+        eva.load_state_dict(state_dict, strict=True)
+    return eva.eval()
+
+
+def eva_last_block_tokens(eva, images: torch.Tensor) -> torch.Tensor:
+    """(n, 3, H, W) -> (n, 1 + patches, dim): every token after the last block, final norm NOT applied."""
+    x = eva.patch_embed(images)
+    x, rope = eva._pos_embed(x)
+    x = eva.norm_pre(x)
+    for block in eva.blocks:
+        x = block(x, rope=rope)
+    return x
+
+
+def perturb_norms(model, seed: int = 0, spread: float = 0.2):
+    """Moves every LayerNorm / RMSNorm scale (and bias) away from 1 (and 0).
+
+    At their default init two norms in a row act as one, so swapping or skipping a norm would go unnoticed.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
+                module.weight.add_(spread * torch.randn(module.weight.shape, generator=g))
+                if getattr(module, "bias", None) is not None:
+                    module.bias.add_(spread * torch.randn(module.bias.shape, generator=g))
+    return model
+
+
+# --------------------------------------------------------------------------------------------- language
+def standalone_lm(model) -> torch.nn.Module:
+    """A separately built `MistralForCausalLM` / `LlamaForCausalLM` loaded (strictly) with `model`'s LM weights."""
+    lm = AutoModelForCausalLM.from_config(model.config.text_config)
+    lm.load_state_dict(model.model.language_model.state_dict(), strict=True)
+    return lm.eval()
+
+
+# ------------------------------------------------------------------------------------------------ the Hub
+@contextlib.contextmanager
+def registered_for_auto_classes():
+    """Marks the two classes for remote-code saving, and restores the previous marks afterwards."""
+    from infimm import InfiMMConfig, InfiMMForConditionalGeneration
+
+    previous = (InfiMMConfig._auto_class, InfiMMForConditionalGeneration._auto_class)
+    InfiMMConfig.register_for_auto_class()
+    InfiMMForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
+    try:
+        yield
+    finally:
+        InfiMMConfig._auto_class, InfiMMForConditionalGeneration._auto_class = previous
+
+
+def save_remote_code_folder(model, folder, **save_kwargs) -> Path:
+    """`save_pretrained` with the `.py` files and an `auto_map` for AutoConfig and the three model Auto classes."""
+    folder = Path(folder)
+    model.config.auto_map = dict(AUTO_MAP)
+    with registered_for_auto_classes():
+        model.save_pretrained(folder, **save_kwargs)
+    return folder
+
+
+def _git_blob_sha1(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def place_in_hub_cache(folder, cache_dir, repo_id: str, commit: str = "0123456789abcdef0123456789abcdef01234567"):
+    """Lays `folder` out as `huggingface_hub` lays out a downloaded snapshot of `repo_id`.
+
+    `<cache>/models--<org>--<name>/blobs/<hash>` hold the bytes (sha256 for LFS files such as safetensors, the git
+    blob sha1 otherwise), `snapshots/<commit>/<path>` are relative symlinks to them and `refs/main` holds the commit.
+    Returns the snapshot folder.
+    """
+    repo_dir = Path(cache_dir) / ("models--" + repo_id.replace("/", "--"))
+    blobs, snapshot = repo_dir / "blobs", repo_dir / "snapshots" / commit
+    blobs.mkdir(parents=True, exist_ok=True)
+    for source in sorted(Path(folder).rglob("*")):
+        if not source.is_file():
+            continue
+        relative = source.relative_to(folder)
+        data = source.read_bytes()
+        is_lfs = source.suffix in (".safetensors", ".bin", ".pt") or len(data) > 10 * 1024 * 1024
+        blob = blobs / (hashlib.sha256(data).hexdigest() if is_lfs else _git_blob_sha1(data))
+        blob.write_bytes(data)
+        link = snapshot / relative
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
