@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
+from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -35,6 +35,9 @@ from .configuration_infimm import InfiMMConfig
 
 
 logger = logging.get_logger(__name__)
+
+# `device_map` strategies for which the blocks are placed with their decoder layers.
+_PLANNED_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
 # Keyword under which the per-call image state travels from `InfiMMModel.forward` through the language model's
 # `**kwargs` to the decoder layers' pre-hooks.
@@ -407,13 +410,14 @@ class InfiMMModel(InfiMMPreTrainedModel):
         The tower's features are the last block's output before its final norm, CLS token first (REFERENCE:
         "Vision features"). The tower runs without autograd unless one of its parameters is trainable.
         """
-        tower = self.vision_tower.timm_model
-        track = torch.is_grad_enabled() and any(p.requires_grad for p in tower.parameters())
+        last_block = len(self.vision_tower.timm_model.blocks) - 1
+        track = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
         with torch.set_grad_enabled(track):
-            patches, prefix = tower.forward_intermediates(
-                pixel_values.to(self.vision_tower.dtype), indices=1, norm=False, output_fmt="NLC",
-                return_prefix_tokens=True, intermediates_only=True,
-            )[0]
+            # Through the wrapper's own call (so device-map / offload hooks run): timm's `forward_intermediates`.
+            patches, prefix = self.vision_tower(
+                pixel_values, output_hidden_states=[last_block], do_pooling=False, return_dict=True,
+                norm=False, output_fmt="NLC", return_prefix_tokens=True,
+            ).hidden_states[0]
             features = torch.cat([prefix, patches], dim=1)
         return self.resampler(features.to(self.resampler.latents.dtype))
 
@@ -547,7 +551,29 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
             and is_legacy_checkpoint(pretrained_model_name_or_path, **kwargs)
         ):
             return load_legacy_model(cls, pretrained_model_name_or_path, *model_args, **kwargs)
+        if isinstance(kwargs.get("device_map"), str) and kwargs["device_map"] in _PLANNED_DEVICE_MAPS:
+            kwargs["device_map"] = cls._plan_device_map(pretrained_model_name_or_path, kwargs)
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    @classmethod
+    def _plan_device_map(cls, pretrained_model_name_or_path, kwargs):
+        """accelerate's automatic map, then each cross-attention block moved to its decoder layer's device.
+
+        The blocks sit outside the decoder layers (so the LM keeps its own keys), which accelerate would otherwise
+        place on their own. The planner lives in the installed package; without it the plain map is used (still
+        correct, with extra transfers between devices).
+        """
+        try:  # optional and package-only, like the legacy loader above
+            from infimm.training_infimm import infer_device_map, meta_model
+        except ImportError:
+            return kwargs["device_map"]
+        config = kwargs.get("config")
+        if not isinstance(config, PreTrainedConfig):
+            config = cls.config_class.from_pretrained(pretrained_model_name_or_path)
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        dtype = config.dtype if dtype in (None, "auto") else dtype
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        return infer_device_map(meta_model(config, dtype=dtype), max_memory=kwargs.get("max_memory"), dtype=dtype)
 
     @property
     def lm_head(self) -> nn.Module:

@@ -383,11 +383,17 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
 
     loss, grads, plain_calls = step()
     assert plain_calls == {"block": 1, "decoder": 1, "eva": 1}
-    model.activation_checkpointing_enable()
+    # `activation_checkpointing_enable` is the 5.2x name; older 5.x releases only have the deprecated alias.
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     model.model.vision_tower.timm_model.set_grad_checkpointing(True)
     ckpt_loss, ckpt_grads, ckpt_calls = step()
     # Checkpointed modules run again during backward.
-    assert ckpt_calls == {"block": 2, "decoder": 2, "eva": 2}
+    # transformers >= 5.2x checkpoints a layer's `forward` (its pre-hook, which runs the block, stays outside);
+    # older 5.x checkpointed `__call__`, so the block also reruns inside its decoder layer's recompute.
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    block_runs = 2 if GradientCheckpointingLayer.__call__ is torch.nn.Module.__call__ else 3
+    assert ckpt_calls == {"block": block_runs, "decoder": 2, "eva": 2}
     torch.testing.assert_close(ckpt_loss, loss, atol=1e-6, rtol=0)
     assert grads.keys() == ckpt_grads.keys()
     for name in grads:

@@ -1,0 +1,286 @@
+"""Fine-tune InfiMM with `Trainer`: the paper's three stages, optional LoRA, any `TrainingArguments` flag.
+
+    python examples/finetune.py --model DIR --stage pt|mtt|ift (--data FILE.jsonl | --synthetic N) \
+        --output-dir OUT [--max-steps N] [--lora] [any TrainingArguments flag]
+
+`--stage` sets what trains (vision tower always frozen; PT/MTT: resampler + gated cross-attention; IFT: also the
+LLM for Llama-2, not for chat LLMs unless `--train-llm true`) and the paper's optimiser defaults for that stage
+(AdamW lr / betas / eps, cosine, weight decay 0.1, clip 1.0, bf16 where the GPU has it); flags given on the
+command line win. `--model tiny` (the default) builds a small random-weight InfiMM for smoke runs.
+
+Data: one JSON object per line, images as paths relative to the JSONL file:
+    {"messages": [{"role": "user", "content": [{"type": "image", "image": "cat.png"},
+                   {"type": "text", "text": "What is this?"}]},
+                  {"role": "assistant", "content": "A cat."}]}          (loss on assistant turns)
+    {"text": "<image>A cat.<|endofchunk|><image>A dog.<|endofchunk|>", "images": ["cat.png", "dog.png"]}
+    {"image": "cat.png", "caption": "A cat."}                          (loss on the text after the first image)
+
+Multi-process: `torchrun --nproc_per_node 2 examples/finetune.py ...` or `accelerate launch examples/finetune.py ...`;
+DeepSpeed ZeRO-2 as in the paper: add `--deepspeed examples/deepspeed_zero2.json` (GPU machines).
+The output folder loads with `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` and
+`AutoProcessor.from_pretrained(OUT, trust_remote_code=True)`; a LoRA run also leaves its adapter in `OUT/lora-adapter`.
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from transformers import AutoTokenizer, HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import logging
+
+from infimm import InfiMMConfig, InfiMMForConditionalGeneration, InfiMMProcessor
+from infimm.collator_infimm import InfiMMDataCollator
+from infimm.hub_infimm import bundled_tokenizer, save_hub_folder
+from infimm.training_infimm import (
+    ConnectorCheckpointCallback,
+    apply_lora,
+    apply_stage,
+    count_parameters,
+    has_text_only_examples,
+    load_connector,
+    load_jsonl,
+    mark_for_remote_code,
+    recipe,
+    save_lora,
+    weights_checksum,
+)
+
+
+logger = logging.get_logger("infimm.finetune")
+
+
+@dataclass
+class ScriptArguments:
+    stage: str = field(metadata={"help": "Training stage: pt, mtt or ift.", "choices": ["pt", "mtt", "ift"]})
+    model: str = field(default="tiny", metadata={"help": "Model folder or Hub id; 'tiny' builds a small random model."})
+    data: str | None = field(default=None, metadata={"help": "JSONL file of examples (images relative to it)."})
+    synthetic: int | None = field(default=None, metadata={"help": "Generate N synthetic examples for a smoke run."})
+    lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LLM (the connector trains fully)."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    train_llm: bool | None = field(
+        default=None, metadata={"help": "Force training the LLM on (true) or off (false); default: the stage rule."}
+    )
+    max_length: int | None = field(default=None, metadata={"help": "Longest sample in tokens; default: the stage's."})
+    max_images: int = field(default=6, metadata={"help": "Most images per sample (the paper: 6)."})
+    image_overflow: str = field(
+        default="truncate", metadata={"help": "Past max_images: truncate the sample, or error.", "choices": ["truncate", "error"]}
+    )
+    model_dtype: str = field(
+        default="float32",
+        metadata={"help": "dtype the weights are loaded in (float32 keeps fp32 master weights; auto: the checkpoint's).",
+                  "choices": ["float32", "bfloat16", "float16", "auto"]},
+    )
+    checksum_dir: str | None = field(
+        default=None, metadata={"help": "Each rank writes the sha256 of its trainable weights here after training."}
+    )
+
+
+# ------------------------------------------------------------------------------------------------- models
+def build_tiny_model(seed: int = 0):
+    """A small random-weight InfiMM with the infimm-zephyr layout and the real tokenizer (weights are random)."""
+    config = InfiMMConfig.from_preset(
+        "infimm-zephyr",
+        vision_config={"model_args": {"img_size": 28, "patch_size": 14, "embed_dim": 32, "depth": 2, "num_heads": 2}},
+        text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                     "num_key_value_heads": 2, "max_position_embeddings": 512},
+        resampler_depth=2, resampler_num_latents=4, resampler_heads=2, resampler_head_dim=8,
+        cross_attn_heads=2, cross_attn_head_dim=8,
+    )
+    torch.manual_seed(seed)
+    model = InfiMMForConditionalGeneration(config)
+    processor = InfiMMProcessor.from_config(config, bundled_tokenizer("infimm-zephyr"))
+    return model, processor
+
+
+def load_model(name: str, dtype: str, seed: int):
+    torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
+    if name == "tiny":
+        logger.warning("Building a tiny random-weight InfiMM (--model tiny): its outputs are meaningless.")
+        model, processor = build_tiny_model(seed)
+        return model.to(torch.float32 if dtype == "auto" else torch_dtype), processor
+    model = InfiMMForConditionalGeneration.from_pretrained(name, dtype=torch_dtype)
+    try:
+        processor = InfiMMProcessor.from_pretrained(name)
+    except (OSError, ValueError, TypeError):
+        # A folder with a tokenizer but no processor files (e.g. a bare conversion): build it from the config.
+        processor = InfiMMProcessor.from_config(model.config, AutoTokenizer.from_pretrained(name))
+    return model, processor
+
+
+# --------------------------------------------------------------------------------------------------- data
+_COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (230, 210, 30),
+           "black": (10, 10, 10), "purple": (140, 40, 170)}
+_SHAPES = ("square", "circle")
+
+
+def _draw(color: str, shape: str, size: int = 32) -> Image.Image:
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    box = (size // 6, size // 6, size - size // 6, size - size // 6)
+    (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=_COLORS[color])
+    return image
+
+
+def write_synthetic_dataset(folder, count: int, stage: str, seed: int = 0) -> Path:
+    """`count` examples of coloured shapes (PNG files + `data.jsonl`) in the layout `stage` trains on.
+
+    PT: image-caption pairs and two-image interleaved documents; MTT: one-turn visual questions; IFT: two-turn chats.
+    Deterministic, so every process of a distributed run writes the same files.
+    """
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    for color in _COLORS:
+        for shape in _SHAPES:
+            path = folder / "images" / f"{color}-{shape}.png"
+            if not path.exists():
+                _draw(color, shape).save(path)
+    rng = random.Random(seed)
+    rows = []
+    for index in range(count):
+        picks = [(rng.choice(list(_COLORS)), rng.choice(_SHAPES)) for _ in range(2)]
+        (color, shape), (color2, shape2) = picks
+        image, image2 = f"images/{color}-{shape}.png", f"images/{color2}-{shape2}.png"
+        if stage == "pt" and index % 3 == 2:
+            rows.append({
+                "text": f"<image>A {color} {shape}.<|endofchunk|><image>A {color2} {shape2}.<|endofchunk|>",
+                "images": [image, image2],
+            })
+        elif stage == "pt":
+            rows.append({"image": image, "caption": f"A {color} {shape} on a white background."})
+        elif stage == "mtt":
+            rows.append({"messages": [
+                {"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "What colour is the shape?"}]},
+                {"role": "assistant", "content": color.capitalize() + "."},
+            ]})
+        else:
+            rows.append({"messages": [
+                {"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": "Describe the image."}]},
+                {"role": "assistant", "content": f"A {color} {shape} on a white background."},
+                {"role": "user", "content": "Which shape is it?"},
+                {"role": "assistant", "content": f"It is a {shape}."},
+            ]})
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def parse_args(argv=None) -> tuple[ScriptArguments, TrainingArguments]:
+    """Script flags plus every `TrainingArguments` flag; the stage's recipe replaces TrainingArguments' defaults."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--stage", choices=["pt", "mtt", "ift"])
+    stage = pre.parse_known_args(argv)[0].stage
+
+    parser = HfArgumentParser(
+        (ScriptArguments, TrainingArguments), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    if stage is not None:
+        parser.set_defaults(
+            **recipe(stage).training_arguments(),
+            # The collator needs the raw example columns; Trainer would otherwise drop them.
+            remove_unused_columns=False,
+            label_names=["labels"],  # also under a PEFT wrapper, whose forward signature hides it
+            logging_steps=10,
+            logging_first_step=True,
+            save_strategy="no",
+            dataloader_pin_memory=torch.cuda.is_available(),
+        )
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+            # Launched by torchrun on a machine without GPUs: accelerate runs multi-CPU DDP only when asked for CPU.
+            parser.set_defaults(use_cpu=True, ddp_backend="gloo")
+    script_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    if (script_args.data is None) == (script_args.synthetic is None):
+        parser.error("give exactly one of --data FILE.jsonl and --synthetic N")
+    return script_args, training_args
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    script_args, training_args = parse_args(argv)
+    logging.set_verbosity(training_args.get_process_log_level())  # `--log-level info` for more
+    set_seed(training_args.seed)
+
+    if script_args.synthetic is not None:
+        data_dir = Path(training_args.output_dir) / "synthetic-data"
+        with training_args.main_process_first(desc="synthetic dataset"):
+            data_path = write_synthetic_dataset(data_dir, script_args.synthetic, script_args.stage, training_args.seed)
+    else:
+        data_path = Path(script_args.data)
+    rows = load_jsonl(data_path)
+    if training_args.ddp_find_unused_parameters is None:
+        # A batch without images leaves the connector without gradients, and DDP must be told to expect that; when
+        # every example has an image, every trainable weight gets a gradient at every step.
+        training_args.ddp_find_unused_parameters = has_text_only_examples(rows)
+
+    model, processor = load_model(script_args.model, script_args.model_dtype, training_args.seed)
+    mark_for_remote_code(model)
+    parts = apply_stage(model, script_args.stage, script_args.train_llm)
+    if script_args.lora:
+        model = apply_lora(model, r=script_args.lora_r, alpha=script_args.lora_alpha, dropout=script_args.lora_dropout)
+    counts = count_parameters(model)
+    if training_args.process_index == 0:
+        print(f"stage {script_args.stage}: training {', '.join(parts)}{' + LoRA on the LLM' if script_args.lora else ''}")
+        print(counts)
+
+    collator = InfiMMDataCollator(
+        processor,
+        max_length=script_args.max_length or recipe(script_args.stage).max_length,
+        max_images=script_args.max_images,
+        image_overflow=script_args.image_overflow,
+        image_root=data_path.parent,
+    )
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=rows,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=[ConnectorCheckpointCallback()] if script_args.lora else None,
+    )
+
+    resume = training_args.resume_from_checkpoint
+    if resume in ("last", "latest", "true", "True"):
+        resume = get_last_checkpoint(training_args.output_dir)
+        if resume is None:
+            raise ValueError(f"--resume_from_checkpoint {training_args.resume_from_checkpoint}: no checkpoint in "
+                             f"{training_args.output_dir}.")
+    if resume and script_args.lora:
+        load_connector(model, resume)
+    trainer.train(resume_from_checkpoint=resume)
+
+    checksum = weights_checksum(model)
+    print(f"[rank {training_args.process_index}] trainable weights sha256 {checksum}")
+    if script_args.checksum_dir:
+        os.makedirs(script_args.checksum_dir, exist_ok=True)
+        Path(script_args.checksum_dir, f"rank{training_args.process_index}.sha256").write_text(checksum + "\n")
+
+    output_dir = Path(training_args.output_dir)
+    if script_args.lora:
+        if trainer.is_world_process_zero():
+            save_lora(model, output_dir / "lora-adapter")
+        model = model.merge_and_unload()
+        if trainer.is_world_process_zero():
+            save_hub_folder(model, processor, output_dir)
+    else:
+        trainer.save_model(str(output_dir))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        print(f"saved to {output_dir}: AutoModelForCausalLM.from_pretrained({str(output_dir)!r}, trust_remote_code=True)")
+    return trainer
+
+
+if __name__ == "__main__":
+    main()

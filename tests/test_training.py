@@ -1,0 +1,333 @@
+"""Fine-tuning with Trainer on tiny models: stage policy, overfitting, loss scaling, LoRA, DDP, reload, device maps.
+
+Everything runs on CPU. Two checks start subprocesses: a 2-process `torchrun` of `examples/finetune.py` (gloo) and a
+fresh interpreter that reloads the folder it saved with `trust_remote_code=True` (the `infimm` package blocked).
+"""
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import PIL.Image
+import pytest
+import torch
+from accelerate import infer_auto_device_map
+from transformers import AutoTokenizer, Trainer, TrainingArguments
+
+from conftest import REPO, tiny_config, tiny_model
+
+from infimm import InfiMMForConditionalGeneration, InfiMMProcessor
+from infimm.collator_infimm import InfiMMDataCollator
+from infimm import training_infimm as training
+
+COLORS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 60, 220), "yellow": (230, 210, 30)}
+IMAGES = {name: PIL.Image.new("RGB", (32, 32), rgb) for name, rgb in COLORS.items()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are so small that a second thread only adds synchronisation (much more on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(REPO / "assets" / "infimm-zephyr")
+
+
+def _processor(model, tokenizer):
+    return InfiMMProcessor.from_config(model.config, tokenizer)
+
+
+def _pairs():
+    return [{"image": IMAGES[name], "caption": f"A {name} square."} for name in COLORS]
+
+
+def _chats():
+    return [{"messages": [
+        {"role": "user", "content": [{"type": "image", "image": IMAGES[name]}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": name.capitalize() + "."},
+    ]} for name in COLORS]
+
+
+def _part_digests(model) -> dict[str, str]:
+    digests = {part: hashlib.sha256() for part in training.PARTS}
+    for name, tensor in sorted(model.state_dict().items()):
+        part = next(p for p, prefix in training.PARTS.items() if name.startswith(prefix))
+        digests[part].update(tensor.detach().float().numpy().tobytes())
+    return {part: digest.hexdigest() for part, digest in digests.items()}
+
+
+def _train(model, processor, rows, output_dir, stage, steps, batch_size=4, **overrides):
+    settings = {**training.recipe(stage).training_arguments(), "bf16": False, **overrides}
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch_size, logging_steps=1,
+        save_strategy="no", report_to="none", remove_unused_columns=False, use_cpu=True, disable_tqdm=True,
+        dataloader_pin_memory=False, seed=0, **settings,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=InfiMMDataCollator(processor))
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+# ---------------------------------------------------------------------------------------------------- policy
+def test_stage_recipes_are_the_papers():
+    assert {s: (r.learning_rate, r.adam_beta1, r.adam_beta2, r.adam_epsilon) for s, r in training.RECIPES.items()} == {
+        "pt": (1e-4, 0.9, 0.95, 1e-8), "mtt": (1e-5, 0.9, 0.999, 1e-5), "ift": (5e-6, 0.9, 0.999, 1e-5)}
+    for r in training.RECIPES.values():
+        args = r.training_arguments()
+        assert (args["weight_decay"], args["lr_scheduler_type"], args["max_grad_norm"]) == (0.1, "cosine", 1.0)
+    with pytest.raises(ValueError, match="Unknown stage"):
+        training.recipe("sft")
+
+
+def test_what_each_stage_trains():
+    connector = ("resampler", "cross_attention_layers")
+    zephyr, llama, vicuna = (tiny_config(p) for p in ("infimm-zephyr", "infimm-llama13b", "infimm-vicuna13b"))
+    for stage in ("pt", "mtt"):
+        for config in (zephyr, llama, vicuna):
+            assert training.trainable_parts(config, stage) == connector
+    assert training.trainable_parts(zephyr, "ift") == connector  # chat LLMs stay frozen
+    assert training.trainable_parts(vicuna, "ift") == connector
+    assert training.trainable_parts(llama, "ift") == (*connector, "language_model")  # base Llama-2 trains
+    assert training.trainable_parts(zephyr, "ift", train_llm=True) == (*connector, "language_model")
+    base_llama = tiny_config("infimm-llama13b", chat_format="none")
+    assert training.llm_trains_in_ift(base_llama) and not training.llm_trains_in_ift(tiny_config(chat_format="none"))
+
+
+def test_parameter_counts():
+    model = tiny_model(gates=None)
+    training.apply_stage(model, "pt")
+    counts = training.count_parameters(model)
+    sizes = {part: sum(p.numel() for n, p in model.named_parameters() if n.startswith(prefix))
+             for part, prefix in training.PARTS.items()}
+    assert counts.total == sum(p.numel() for p in model.parameters()) == sum(sizes.values())
+    assert counts.trainable == sizes["resampler"] + sizes["cross_attention_layers"]
+    assert counts.by_part["vision_tower"] == (0, sizes["vision_tower"])
+    assert "trainable parameters" in str(counts)
+
+
+# ----------------------------------------------------------------------------------------------- overfitting
+@pytest.mark.parametrize("stage, preset, rows, lr, checkpointing", [
+    ("pt", "infimm-zephyr", _pairs, 3e-3, False),
+    ("mtt", "infimm-zephyr", _chats, 3e-3, True),   # activation checkpointing: the blocks run from layer hooks
+    ("ift", "infimm-llama13b", _chats, 1e-3, False),  # Llama-2: the LLM trains too
+])
+def test_stage_overfits_and_freezes_the_rest(stage, preset, rows, lr, checkpointing, tokenizer, tmp_path):
+    model = tiny_model(preset)
+    trained = set(training.apply_stage(model, stage))
+    before = _part_digests(model)
+    losses = _train(model, _processor(model, tokenizer), rows(), tmp_path, stage, steps=4, learning_rate=lr,
+                    weight_decay=0.0, activation_checkpointing=checkpointing)
+    assert losses[-1] < losses[0] - 0.5, losses
+    after = _part_digests(model)
+    for part in training.PARTS:
+        assert (before[part] != after[part]) == (part in trained), part
+
+
+def test_gradient_accumulation_scales_the_loss_by_token_count(tokenizer, tmp_path):
+    rows = [{"image": IMAGES["red"], "caption": "A red square."},
+            {"image": IMAGES["blue"], "caption": "A blue square on a white background, drawn large."},
+            {"image": IMAGES["green"], "caption": "Green."},
+            {"image": IMAGES["yellow"], "caption": "A yellow square with a long caption that has many tokens."}]
+    results = []
+    for batch_size, accumulation in ((4, 1), (2, 2)):
+        model = tiny_model()
+        training.apply_stage(model, "pt")
+        _train(model, _processor(model, tokenizer), rows, tmp_path, "pt", steps=1, batch_size=batch_size,
+               gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=1.0, weight_decay=0.0,
+               max_grad_norm=0.0, lr_scheduler_type="constant")
+        results.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    initial = {n: p for n, p in tiny_model().named_parameters() if n in results[0]}
+    assert any(not torch.equal(initial[n], results[0][n]) for n in initial)
+    for name in results[0]:
+        torch.testing.assert_close(results[1][name], results[0][name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------------ LoRA
+def test_lora_round_trip(tokenizer, tmp_path):
+    model = tiny_model()
+    training.apply_stage(model, "ift")
+    llm_before = {n: p.detach().clone() for n, p in model.model.language_model.named_parameters()}
+    peft_model = training.apply_lora(model, r=4, alpha=8, dropout=0.0)
+    counts = training.count_parameters(peft_model)
+    assert counts.by_part["lora"][0] > 0 and counts.by_part["language_model"][0] == 0  # adapters only
+    processor = _processor(model, tokenizer)
+    _train(peft_model, processor, _chats(), tmp_path / "run", "ift", steps=2, learning_rate=1e-2)
+    for name, param in peft_model.get_base_model().model.language_model.named_parameters():
+        if "lora_" not in name:  # the LLM's own weights never move
+            assert torch.equal(param, llm_before[name.replace(".base_layer", "")]), name
+
+    batch = InfiMMDataCollator(processor)(_chats()[:2])
+    batch.pop("labels")
+    peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(**batch).logits
+    folder = training.save_lora(peft_model, tmp_path / "adapter")
+    assert {"adapter_config.json", "adapter_model.safetensors", "connector.safetensors"} <= set(os.listdir(folder))
+
+    loaded = training.load_lora(tiny_model(), folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, expected, rtol=0, atol=0)
+        merged = loaded.merge_and_unload()
+        assert isinstance(merged, InfiMMForConditionalGeneration)
+        assert not any("lora_" in name for name, _ in merged.named_parameters())
+        torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+        base = tiny_model().eval()
+        assert not torch.allclose(base(**batch).logits, expected, atol=1e-3)
+
+
+def test_lora_resume_from_checkpoint_is_exact(tmp_path):
+    finetune = _import_finetune()
+    common = ["--stage", "pt", "--synthetic", "4", "--lora", "--lora-r", "4", "--max-steps", "2",
+              "--per-device-train-batch-size", "2", "--learning-rate", "1e-2", "--disable-tqdm", "true",
+              "--logging-steps", "1"]
+    straight = finetune.main([*common, "--output-dir", str(tmp_path / "a"), "--save-strategy", "steps",
+                              "--save-steps", "1"])
+    assert (tmp_path / "a" / "checkpoint-1" / "connector.safetensors").is_file()
+    resumed = finetune.main([*common, "--output-dir", str(tmp_path / "a"),
+                             "--resume-from-checkpoint", str(tmp_path / "a" / "checkpoint-1")])
+    assert resumed.state.global_step == 2
+    # every weight (the merged LLM included) and the adapters' effect
+    assert training.weights_checksum(resumed.model, trainable_only=False) == training.weights_checksum(
+        straight.model, trainable_only=False)
+
+
+# ----------------------------------------------------------------------------------- distributed and reload
+RELOAD = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["infimm"] = None  # only the saved remote code may be used
+    import torch
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    folder, image = sys.argv[1:]
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    inputs = processor(text="<image>A", images=[image], return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -1, :8]
+        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    print(json.dumps({"module": type(model).__module__, "logits": logits.tolist(),
+                      "new_tokens": generated.shape[1] - inputs["input_ids"].shape[1]}))
+    """
+)
+
+
+def _child_env():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_then_reload_with_remote_code(tmp_path):
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "examples" / "finetune.py"), "--stage", "pt", "--synthetic", "8", "--output-dir", str(out),
+               "--max-steps", "2", "--per-device-train-batch-size", "2", "--learning-rate", "1e-2",
+               "--checksum-dir", str(tmp_path / "checksums"), "--disable-tqdm", "true", "--logging-steps", "1"]
+    run = subprocess.run(command, cwd=tmp_path, env=_child_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    assert "'loss'" in run.stdout + run.stderr and "trainable parameters" in run.stdout
+    ranks = [(tmp_path / "checksums" / f"rank{r}.sha256").read_text() for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+
+    saved = InfiMMForConditionalGeneration.from_pretrained(out).eval()
+    training.apply_stage(saved, "pt")
+    assert training.weights_checksum(saved) + "\n" == ranks[0]  # the saved folder holds what the ranks trained
+
+    image = out / "synthetic-data" / "images" / "red-square.png"
+    child = subprocess.run([sys.executable, "-c", RELOAD, str(out), str(image)], cwd=tmp_path, env=_child_env(),
+                           capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-6000:]
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    assert result["module"].startswith("transformers_modules.") and result["new_tokens"] == 3
+    processor = InfiMMProcessor.from_pretrained(out)
+    inputs = processor(text="<image>A", images=[str(image)], return_tensors="pt")
+    with torch.no_grad():
+        expected = saved(**inputs).logits[0, -1, :8]
+    torch.testing.assert_close(torch.tensor(result["logits"]), expected, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------ device map
+@pytest.mark.parametrize("cap, devices", [
+    (17_000_000, {"cpu", "disk"}),  # room for the tower, resampler, embeddings and two layers; the rest on disk
+    (1_000_000, {"cpu", "disk"}),  # accelerate alone would put everything on disk, the tower included
+])
+def test_device_map_keeps_blocks_with_layers_and_offloads(cap, devices, tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "model")
+    meta = training.meta_model(model.config)
+    raw = infer_auto_device_map(meta, max_memory={"cpu": cap}, no_split_module_classes=sorted(meta._no_split_modules))
+    device_map = training.infer_device_map(meta, max_memory={"cpu": cap})
+    assert training.blocks_follow_layers(meta, device_map)
+    assert set(device_map.values()) == devices and device_map["model.vision_tower"] == "cpu"
+    assert device_map != raw
+
+    loaded = InfiMMForConditionalGeneration.from_pretrained(
+        tmp_path / "model", device_map=device_map, offload_folder=str(tmp_path / "offload")).eval()
+    assert training.blocks_follow_layers(loaded, loaded.hf_device_map)
+    pixel_values = torch.randn(2, 2, 3, 28, 28)
+    input_ids = torch.tensor([[1, 32001, 330, 5255, 28723, 32000, 32001, 330],
+                              [1, 32001, 330, 3914, 28723, 32000, 2, 2]])
+    inputs = dict(input_ids=input_ids, pixel_values=pixel_values, image_mask=torch.tensor([[True, True], [True, False]]),
+                  attention_mask=torch.tensor([[1] * 8, [1] * 6 + [0] * 2]))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_device_map_auto_keeps_blocks_with_layers(tmp_path):
+    """`from_pretrained(device_map="auto")` itself plans the map, with offload to disk under a memory cap."""
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "model")
+    loaded = InfiMMForConditionalGeneration.from_pretrained(
+        tmp_path / "model", device_map="auto", max_memory={"cpu": 17_000_000},
+        offload_folder=str(tmp_path / "offload")).eval()
+    assert set(loaded.hf_device_map.values()) == {"cpu", "disk"}
+    assert training.blocks_follow_layers(loaded, loaded.hf_device_map)
+    input_ids = torch.tensor([[1, 32001, 330, 5255, 28723, 32000, 32001, 330]])
+    inputs = dict(input_ids=input_ids, pixel_values=torch.randn(1, 2, 3, 28, 28))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_accelerate_alone_splits_a_block_from_its_layer():
+    meta = training.meta_model(tiny_config())
+    raw = infer_auto_device_map(meta, max_memory={"cpu": 17_000_000},
+                                no_split_module_classes=sorted(meta._no_split_modules))
+    assert not training.blocks_follow_layers(meta, raw)  # block 1 on disk, layer 1 on cpu
+    assert training.blocks_follow_layers(meta, training.place_blocks_with_layers(meta, raw))
+
+
+# ------------------------------------------------------------------------------------------------- DeepSpeed
+DEEPSPEED_CONFIG = REPO / "examples" / "deepspeed_zero2.json"
+
+
+def test_deepspeed_config_mirrors_the_paper():
+    config = json.loads(DEEPSPEED_CONFIG.read_text())
+    assert config["zero_optimization"]["stage"] == 2
+    assert config["bf16"]["enabled"] is True and config["gradient_clipping"] == 1.0
+    assert config["optimizer"]["type"] == "AdamW"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed (GPU machines)")
+def test_training_arguments_accept_the_deepspeed_config(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), deepspeed=str(DEEPSPEED_CONFIG), bf16=True, report_to="none")
+    assert args.deepspeed_plugin is not None
+
+
+# ----------------------------------------------------------------------------------------------- the example
+def _import_finetune():
+    spec = importlib.util.spec_from_file_location("infimm_finetune_example", REPO / "examples" / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
