@@ -421,11 +421,10 @@ class InfiMMModel(InfiMMPreTrainedModel):
             features = torch.cat([prefix, patches], dim=1)
         return self.resampler(features.to(self.resampler.latents.dtype))
 
-    def _image_inputs(self, input_ids, pixel_values, image_mask, image_cache, past_length, use_cache):
+    def _image_inputs(self, input_ids, pixel_values, image_mask, image_cache, continuing, use_cache):
         """Builds the per-call `_ImageInputs` (None when no sample has an image) and the resampled images."""
-        if past_length > 0 and image_cache is not None:
-            if not bool(image_cache.has_media.any()):
-                return None, None
+        if continuing and image_cache is not None:
+            # Decode step: no device sync, no work that grows with the number of images.
             return _ImageInputs(has_media=image_cache.has_media, cache=image_cache), None
         if input_ids is None:
             if pixel_values is not None:
@@ -434,14 +433,14 @@ class InfiMMModel(InfiMMPreTrainedModel):
         is_media = input_ids == self.config.media_token_id
         num_image_tokens = is_media.sum(1)
         if pixel_values is None:
-            if past_length == 0 and bool(num_image_tokens.any()):
+            if not continuing and bool(num_image_tokens.any()):
                 raise ValueError(
                     f"`input_ids` hold {int(num_image_tokens.sum())} `<image>` tokens but no `pixel_values` were given."
                 )
             return None, None
         pixel_values = _as_image_batch(pixel_values)
         repeat = _rows_per_image_row(input_ids.shape[0], pixel_values.shape[0])
-        if past_length == 0:
+        if not continuing:
             per_row_tokens = num_image_tokens[::repeat]
             if repeat > 1 and (num_image_tokens.view(-1, repeat) != per_row_tokens[:, None]).any():
                 raise ValueError("Text rows sharing one row of `pixel_values` must hold the same number of images.")
@@ -500,9 +499,13 @@ class InfiMMModel(InfiMMPreTrainedModel):
         """
         if use_cache is None:
             use_cache = self.config.text_config.use_cache
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        # A step after the prompt: the prefill's image cache is the sign (so decode steps never ask a static cache
+        # for its length, which would sync with the device); otherwise the cache's length.
+        continuing = past_key_values is not None and (
+            image_cache is not None or past_key_values.get_seq_length() > 0
+        )
         image_inputs, image_hidden_states = self._image_inputs(
-            input_ids, pixel_values, image_mask, image_cache, past_length, use_cache
+            input_ids, pixel_values, image_mask, image_cache, continuing, use_cache
         )
         if image_inputs is not None:
             kwargs[_IMAGE_INPUTS_KWARG] = image_inputs
@@ -517,7 +520,7 @@ class InfiMMModel(InfiMMPreTrainedModel):
         )
         if image_inputs is not None:
             image_cache = image_inputs.cache
-        elif past_length == 0:
+        elif not continuing:
             image_cache = None
         return InfiMMModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
