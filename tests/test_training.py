@@ -258,6 +258,24 @@ def test_torchrun_two_processes_then_reload_with_remote_code(tmp_path):
     torch.testing.assert_close(torch.tensor(result["logits"]), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_accelerate_launch_two_processes(tmp_path):
+    """The same script under `accelerate launch` (two gloo processes on a CPU-only machine)."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "29533",
+               str(REPO / "examples" / "finetune.py"), "--stage", "pt", "--synthetic", "8", "--output-dir", str(out),
+               "--max-steps", "2", "--per-device-train-batch-size", "2", "--learning-rate", "1e-2",
+               "--checksum-dir", str(tmp_path / "checksums"), "--disable-tqdm", "true", "--logging-steps", "1"]
+    run = subprocess.run(command, cwd=tmp_path, env=_child_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
+    ranks = [(tmp_path / "checksums" / f"rank{r}.sha256").read_text() for r in (0, 1)]
+    assert ranks[0] == ranks[1]
+    saved = InfiMMForConditionalGeneration.from_pretrained(out).eval()
+    training.apply_stage(saved, "pt")
+    assert training.weights_checksum(saved) + "\n" == ranks[0]
+
+
 # ------------------------------------------------------------------------------------------------ device map
 @pytest.mark.parametrize("cap, devices", [
     (17_000_000, {"cpu", "disk"}),  # room for the tower, resampler, embeddings and two layers; the rest on disk
