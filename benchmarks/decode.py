@@ -829,11 +829,11 @@ def plot(path, rows, dims):
     left.set_ylabel("decode ms / token")
     right.set_ylabel("decode ms / token, ratio to the bare LM")
     left.set_ylim(bottom=0)
-    right.legend(fontsize=8)
+    fig.legend(*right.get_legend_handles_labels(), loc="lower center", ncol=5, fontsize=8, frameon=False)
     text = dims["text"]
     fig.suptitle(f"Greedy decode, Mistral {text['hidden_size']} x {text['num_hidden_layers']} layers, "
                  f"{dims['prompt_tokens']}-token prompt")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
