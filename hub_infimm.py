@@ -36,20 +36,26 @@ def sample_image_path() -> Path:
     return ASSETS_DIR / "sample-chart.jpg"
 
 
+def mark_for_remote_code(model) -> None:
+    """Makes `model.save_pretrained` write the full `auto_map` and copy the `.py` files (also for checkpoints
+    that Trainer saves), so the folder loads with any InfiMM auto class and `trust_remote_code=True`."""
+    type(model.config).register_for_auto_class()
+    type(model).register_for_auto_class("AutoModelForImageTextToText")
+    model.config.auto_map = {**(getattr(model.config, "auto_map", None) or {}), **AUTO_MAP}
+
+
 def save_hub_folder(model, processor, folder, **save_kwargs) -> Path:
     """Saves `model` and `processor` into `folder` with the remote code and a full `auto_map`.
 
     `save_kwargs` go to `model.save_pretrained` (e.g. `max_shard_size`). Returns the folder.
     """
     folder = Path(folder)
-    type(model.config).register_for_auto_class()
-    type(model).register_for_auto_class("AutoModelForImageTextToText")
+    mark_for_remote_code(model)
     type(processor).register_for_auto_class()
     type(processor.image_processor).register_for_auto_class("AutoImageProcessor")
-    model.config.auto_map = {**(getattr(model.config, "auto_map", None) or {}), **AUTO_MAP}
     model.save_pretrained(folder, **save_kwargs)
     processor.save_pretrained(folder)
     return folder
 
 
-__all__ = ["AUTO_MAP", "ASSETS_DIR", "bundled_tokenizer", "sample_image_path", "save_hub_folder"]
+__all__ = ["AUTO_MAP", "ASSETS_DIR", "bundled_tokenizer", "mark_for_remote_code", "sample_image_path", "save_hub_folder"]

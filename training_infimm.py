@@ -33,7 +33,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from .collator_infimm import conversation_images
-from .hub_infimm import AUTO_MAP
+from .hub_infimm import mark_for_remote_code as _mark_for_remote_code
 
 
 logger = logging.get_logger(__name__)
@@ -184,14 +184,8 @@ def weights_checksum(model, trainable_only: bool = True) -> str:
 
 
 def mark_for_remote_code(model) -> None:
-    """Makes `save_pretrained` write the full `auto_map` and copy the `.py` files, so the folder loads with
-    `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`."""
-    base = _base_model(model)
-    auto_map = dict(getattr(base.config, "auto_map", None) or {})
-    auto_map.update(AUTO_MAP)
-    base.config.auto_map = auto_map
-    type(base.config).register_for_auto_class()
-    type(base).register_for_auto_class("AutoModelForImageTextToText")
+    """`hub_infimm.mark_for_remote_code` on the InfiMM model inside a PEFT wrapper, if any."""
+    _mark_for_remote_code(_base_model(model))
 
 
 # ------------------------------------------------------------------------------------------------------ LoRA
