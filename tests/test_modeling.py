@@ -605,3 +605,57 @@ def test_sdpa_and_eager_attention_agree(net, tmp_path):
     got, want = (_logits(m, input_ids=ids, attention_mask=mask, pixel_values=pixels) for m in (sdpa, eager))
     real = mask.bool()
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def counting_attention():
+    """An attention function registered with transformers (the route `flash_attention_2` and hub kernels take),
+    recording which module called it."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import sdpa_mask
+
+    callers = []
+
+    def counting_sdpa(module, *args, **kwargs):
+        callers.append(type(module).__name__)
+        return sdpa_attention_forward(module, *args, **kwargs)
+
+    AttentionInterface.register("infimm_test_counting_sdpa", counting_sdpa)
+    AttentionMaskInterface.register("infimm_test_counting_sdpa", sdpa_mask)
+    return "infimm_test_counting_sdpa", callers
+
+
+@pytest.mark.parametrize("per_part", [False, True], ids=["whole-model", "text_config-only"])
+def test_language_model_runs_the_requested_attention_implementation(net, tmp_path, counting_attention, per_part):
+    name, callers = counting_attention
+    net.save_pretrained(tmp_path)
+    requested = {"text_config": name} if per_part else name
+    custom = InfiMMForConditionalGeneration.from_pretrained(tmp_path, attn_implementation=requested).eval()
+    sdpa = InfiMMForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="sdpa").eval()
+    assert custom.model.language_model.config._attn_implementation == name
+    ids = _ids((10, (1, 5)), seed=35)
+    pixels = _pixels(1, 2, seed=36)
+    callers.clear()
+    got = _logits(custom, input_ids=ids, pixel_values=pixels)
+    # Every decoder layer's self-attention, once each; the cross-attention blocks and the resampler stay on SDPA.
+    assert callers == [type(custom.model.language_model.model.layers[0].self_attn).__name__] * 4
+    torch.testing.assert_close(got, _logits(sdpa, input_ids=ids, pixel_values=pixels), atol=0, rtol=0)
+    callers.clear()
+    out = custom.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == ids.shape[1] + 3 and len(callers) == 3 * 4  # prefill + 2 decode steps, 4 layers
+
+
+def test_flash_attention_2_is_passed_to_the_language_model(net, tmp_path):
+    """Where flash-attn is installed the LM gets it; elsewhere transformers' own error says what is missing."""
+    import importlib.util
+
+    net.save_pretrained(tmp_path)
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(ImportError, match="FlashAttention2"):
+            InfiMMForConditionalGeneration.from_pretrained(tmp_path, attn_implementation="flash_attention_2")
+    else:
+        loaded = InfiMMForConditionalGeneration.from_pretrained(
+            tmp_path, attn_implementation="flash_attention_2", dtype=torch.bfloat16
+        )
+        assert loaded.model.language_model.config._attn_implementation == "flash_attention_2"
