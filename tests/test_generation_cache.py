@@ -139,3 +139,46 @@ def test_static_cache_and_streamer_give_default_tokens():
     streamed = "".join(streamer)
     thread.join()
     assert streamed == tokenizer.decode(default[1, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_compiled_forward_generates_the_eager_tokens(cache_implementation):
+    """`model.forward = torch.compile(model.forward)` then `generate()`: same tokens as eager. Dynamo's tracing,
+    guards and graph breaks are what this checks; the `eager` backend skips code generation to keep it fast."""
+    import torch._dynamo
+
+    model = tiny_model()
+    ids, mask, pixels, image_mask = _prompt_batch()
+    kwargs = dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_mask=image_mask,
+                  max_new_tokens=5, min_new_tokens=5, do_sample=False, cache_implementation=cache_implementation)
+    eager = model.generate(**kwargs)
+    torch._dynamo.reset()
+    model.forward = torch.compile(model.forward, backend="eager")
+    try:
+        compiled = model.generate(**kwargs)
+    finally:
+        del model.forward
+        torch._dynamo.reset()
+    assert compiled.tolist() == eager.tolist()
+
+
+@torch.no_grad()
+def test_decode_step_traces_as_one_graph():
+    """A decode step (image keys/values from the cache) has no graph break, so a compiled decode runs as one graph;
+    the prefill's image bookkeeping (which slots are real images) is where breaks are allowed."""
+    import torch._dynamo
+
+    model = tiny_model()
+    ids, mask, pixels, image_mask = _prompt_batch()
+    prefill = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_mask=image_mask, use_cache=True)
+    next_ids = prefill.logits[:, -1].argmax(-1, keepdim=True)
+    step_mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model.forward)(
+        input_ids=next_ids, attention_mask=step_mask, position_ids=step_mask.sum(1, keepdim=True) - 1,
+        past_key_values=prefill.past_key_values, image_cache=prefill.image_cache, pixel_values=pixels,
+        image_mask=image_mask, cache_position=torch.tensor([ids.shape[1]]), use_cache=True,
+    )
+    torch._dynamo.reset()
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1
