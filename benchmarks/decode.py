@@ -17,9 +17,10 @@ Method. One worker process per system (``spawn`` by default, ``fork`` for ``--ti
 the bare LM are built once and timed alternately (system, bare, bare, system, ...) after a warmup, so both see the
 same machine noise. Each ``generate()`` call is greedy with exactly ``--new-tokens`` tokens (``min_new_tokens`` =
 ``max_new_tokens``); a logits processor stamps the clock at every step: prefill = start of ``generate()`` to the
-first logits (the first forward, plus generate's setup), decode ms/token = time between the first and the last
-logits divided by the number of decode forwards (each includes generate's per-step work). Reported figures are
-medians over the repeats; the ratio to the bare LM is the median of the per-repeat ratios of interleaved pairs.
+first logits (the first forward, plus generate's setup), decode ms/token = the median time between consecutive
+logits (one decode forward plus generate's per-step work; the median keeps a neighbour's burst during a few steps
+out). Reported figures are medians over the repeats; the ratio to the bare LM is the median of the per-repeat
+ratios of interleaved pairs.
 
 Usage::
 
@@ -299,7 +300,7 @@ def generation_config(new_tokens: int, **extra):
 
 
 def timed_generate(model, inputs, gen_config, device, extra_processors=()):
-    """One `generate()`; returns (prefill ms, decode ms per token)."""
+    """One `generate()`; returns (prefill ms, median decode step ms, mean decode step ms)."""
     from transformers import LogitsProcessorList
 
     sync = _sync_fn(device)
@@ -321,8 +322,10 @@ def timed_generate(model, inputs, gen_config, device, extra_processors=()):
         raise RuntimeError(f"expected {new_tokens} new tokens, got {generated} ({len(clock.times)} steps timed)")
     times = clock.times[:new_tokens]  # a deferred stop check may run one extra step
     prefill = (times[0] - start) * 1e3
-    decode = (times[-1] - times[0]) / (new_tokens - 1) * 1e3 if new_tokens > 1 else float("nan")
-    return prefill, decode
+    steps = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
+    # The median step, not the mean: every decode step does the same work (the sequence grows by 1 token in 64),
+    # so the median is the step's cost and a busy neighbour's burst during a few steps does not move it.
+    return prefill, statistics.median(steps), statistics.fmean(steps)
 
 
 def measure_pair(model, bare, inputs, bare_inputs, gen_config, device, repeats, warmup):
@@ -348,13 +351,13 @@ def _median(values):
 
 
 def summarise(system, num_images, batch, prompt_tokens, runs):
-    bare_prefill, bare_decode = zip(*runs["bare"])
+    bare_prefill, bare_decode, _ = zip(*runs["bare"])
     row = {
         "system": system, "images": num_images, "batch": batch, "prompt_tokens": prompt_tokens,
         "bare_prefill_ms": _median(bare_prefill), "bare_decode_ms": _median(bare_decode),
     }
     if runs["system"]:
-        prefill, decode = zip(*runs["system"])
+        prefill, decode, _ = zip(*runs["system"])
         row.update(
             prefill_ms=_median(prefill), decode_ms=_median(decode),
             decode_ratio=_median([s / b for s, b in zip(decode, bare_decode)]),
@@ -556,8 +559,8 @@ def measure_compiled(model, bare, dims, device, settings):
             for r in range(settings["repeats"]):
                 for key in order if r % 2 == 0 else reversed(order):
                     runs[key].append(run(*key.split("_")))
-            decode = {key: [d for _, d in values] for key, values in runs.items()}
-            prefill = {key: [p for p, _ in values] for key, values in runs.items()}
+            decode = {key: [run[1] for run in values] for key, values in runs.items()}
+            prefill = {key: [run[0] for run in values] for key, values in runs.items()}
             entry.update({f"{key}_decode_ms": _median(v) for key, v in decode.items()})
             entry.update({f"{key}_prefill_ms": _median(v) for key, v in prefill.items()})
             for name in ("infimm", "bare"):
@@ -815,8 +818,8 @@ def write_markdown(path, machine, args, dims, rows, checks, vision, compiled, pl
             for name, info in models.items()
         ),
         "- one process per system; in it, the system and the bare LM are timed alternately on every case; "
-        "prefill = `generate()` start to the first logits; decode ms/token = first to last logits over the number "
-        "of decode steps; medians over the repeats; ratios are medians of the per-repeat ratios of interleaved "
+        "prefill = `generate()` start to the first logits; decode ms/token = median time between consecutive logits "
+        "(one decode step); medians over the repeats; ratios are medians of the per-repeat ratios of interleaved "
         "pairs. The bare LM rows are the bare LM timings of the InfiMM process.",
         "",
         "## Results",
