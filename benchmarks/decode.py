@@ -14,13 +14,14 @@ Systems (all random weights, fp32, built from configs at the same "medium" dims)
   vision patch becomes one LM token, so its sequence grows with the images.
 
 Method. One worker process per system (``spawn`` by default, ``fork`` for ``--tiny``); inside it the system and
-the bare LM are built once and timed alternately (system, bare, bare, system, ...) after a warmup, so both see the
-same machine noise. Each ``generate()`` call is greedy with exactly ``--new-tokens`` tokens (``min_new_tokens`` =
+the bare LM are built once, and each repeat runs their two ``generate()`` calls in two threads that take turns step
+by step (system prefill, bare prefill, system step 1, bare step 1, ...; which one starts alternates), so a busy
+machine slows both alike. Each ``generate()`` call is greedy with exactly ``--new-tokens`` tokens (``min_new_tokens`` =
 ``max_new_tokens``); a logits processor stamps the clock at every step: prefill = start of ``generate()`` to the
 first logits (the first forward, plus generate's setup), decode ms/token = the median time between consecutive
 logits (one decode forward plus generate's per-step work; the median keeps a neighbour's burst during a few steps
 out). Reported figures are medians over the repeats; the ratio to the bare LM is the median of the per-repeat
-ratios of interleaved pairs.
+ratios of those pairs.
 
 Usage::
 
@@ -43,6 +44,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -271,20 +273,54 @@ def _sync_fn(device):
     return lambda: None
 
 
-def _make_clock(sync, suppress_ids):
+class _Turns:
+    """Two `generate()` calls in two threads that take turns one step at a time (prefill, then each decode step).
+
+    Only one thread computes at any moment, and the two systems' steps alternate every few tens of milliseconds,
+    so a busy neighbour slows both equally and their ratio stays put. A thread that has finished gives up its
+    turns for good.
+    """
+
+    def __init__(self, first: str, second: str):
+        self._cond = threading.Condition()
+        self._names = (first, second)
+        self._turn = first
+        self._done = set()
+
+    def wait(self, name: str):
+        with self._cond:
+            self._cond.wait_for(lambda: self._turn == name)
+
+    def hand_over(self, name: str, finished: bool = False):
+        with self._cond:
+            if finished:
+                self._done.add(name)
+            other = self._names[1] if name == self._names[0] else self._names[0]
+            if other not in self._done:
+                self._turn = other
+            self._cond.notify_all()
+
+
+def _make_clock(sync, suppress_ids, turns=None, name=None):
     from transformers import LogitsProcessor
 
     class StepClock(LogitsProcessor):
-        """Stamps the time at each generated token (right after that step's forward) and keeps the special tokens
-        of the prompt layout out of the generated text, so every system decodes ordinary text."""
+        """Records how long each step took, from the start of the step (or of its turn) to its logits, and keeps
+        the special tokens of the prompt layout out of the generated text, so every system decodes ordinary text.
+        `durations[0]` is the prefill (with generate's setup), then one entry per decode step."""
 
         def __init__(self):
-            self.times = []
+            self.durations = []
+            self.step_start = None
 
         def __call__(self, input_ids, scores):
             sync()
-            self.times.append(time.perf_counter())
+            self.durations.append((time.perf_counter() - self.step_start) * 1e3)
             scores[:, suppress_ids] = -float("inf")
+            if turns is not None:
+                turns.hand_over(name)
+                turns.wait(name)
+            self.step_start = time.perf_counter()
             return scores
 
     return StepClock()
@@ -299,49 +335,92 @@ def generation_config(new_tokens: int, **extra):
     )
 
 
-def timed_generate(model, inputs, gen_config, device, extra_processors=()):
-    """One `generate()`; returns (prefill ms, median decode step ms, mean decode step ms)."""
+def _step_times(clock, new_tokens: int):
+    """(prefill ms, median decode step ms, mean decode step ms) from a clock's durations."""
+    if len(clock.durations) < new_tokens:
+        raise RuntimeError(f"expected {new_tokens} steps, timed {len(clock.durations)}")
+    durations = clock.durations[:new_tokens]  # a deferred stop check may run one extra step
+    steps = durations[1:]
+    # The median step, not the mean: every decode step does the same work (the sequence grows by 1 token in 64),
+    # so the median is the step's cost and a busy neighbour's burst during a few steps does not move it.
+    return durations[0], statistics.median(steps), statistics.fmean(steps)
+
+
+def _generate(model, inputs, gen_config, clock, sync, extra_processors=()):
     from transformers import LogitsProcessorList
 
+    sync()
+    clock.step_start = time.perf_counter()
+    out = model.generate(
+        **inputs, generation_config=gen_config, logits_processor=LogitsProcessorList([clock, *extra_processors])
+    )
+    generated = out.shape[1] - inputs["input_ids"].shape[1]
+    if generated != gen_config.max_new_tokens:
+        raise RuntimeError(f"expected {gen_config.max_new_tokens} new tokens, got {generated}")
+
+
+def timed_generate(model, inputs, gen_config, device, extra_processors=()):
+    """One `generate()`; returns (prefill ms, median decode step ms, mean decode step ms)."""
     sync = _sync_fn(device)
     clock = _make_clock(sync, [EOC_TOKEN, MEDIA_TOKEN])
-    new_tokens = gen_config.max_new_tokens
     gc.collect()
     gc.disable()  # no collector pauses inside the timed region
     try:
-        sync()
-        start = time.perf_counter()
-        out = model.generate(
-            **inputs, generation_config=gen_config, logits_processor=LogitsProcessorList([clock, *extra_processors])
-        )
-        sync()
+        _generate(model, inputs, gen_config, clock, sync, extra_processors)
     finally:
         gc.enable()
-    generated = out.shape[1] - inputs["input_ids"].shape[1]
-    if generated != new_tokens or len(clock.times) < new_tokens:
-        raise RuntimeError(f"expected {new_tokens} new tokens, got {generated} ({len(clock.times)} steps timed)")
-    times = clock.times[:new_tokens]  # a deferred stop check may run one extra step
-    prefill = (times[0] - start) * 1e3
-    steps = [(b - a) * 1e3 for a, b in zip(times, times[1:])]
-    # The median step, not the mean: every decode step does the same work (the sequence grows by 1 token in 64),
-    # so the median is the step's cost and a busy neighbour's burst during a few steps does not move it.
-    return prefill, statistics.median(steps), statistics.fmean(steps)
+    return _step_times(clock, gen_config.max_new_tokens)
+
+
+def timed_generate_in_turns(first, second, gen_config, device):
+    """Two `generate()` calls, `first` and `second` each a (model, inputs) pair, stepping in turns (`_Turns`).
+
+    Returns the two (prefill ms, median decode step ms, mean decode step ms) tuples, in that order."""
+    sync = _sync_fn(device)
+    turns = _Turns("first", "second")
+    clocks = {name: _make_clock(sync, [EOC_TOKEN, MEDIA_TOKEN], turns, name) for name in ("first", "second")}
+    errors = []
+
+    def run(name, model, inputs):
+        try:
+            turns.wait(name)
+            _generate(model, inputs, gen_config, clocks[name], sync)
+        except BaseException as exc:  # reported by the caller; the other thread must not wait for this one
+            errors.append(exc)
+        finally:
+            turns.hand_over(name, finished=True)
+
+    gc.collect()
+    gc.disable()
+    try:
+        threads = [threading.Thread(target=run, args=(name, *pair)) for name, pair in (("first", first), ("second", second))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        gc.enable()
+    if errors:
+        raise errors[0]
+    return tuple(_step_times(clocks[name], gen_config.max_new_tokens) for name in ("first", "second"))
 
 
 def measure_pair(model, bare, inputs, bare_inputs, gen_config, device, repeats, warmup):
-    """Interleaved timings of `model` and the bare LM on one case; `model=None` times the bare LM alone."""
+    """Timings of `model` and the bare LM on one case, stepping in turns (which one starts alternates);
+    `model=None` times the bare LM alone."""
     runs = {"system": [], "bare": []}
-    for _ in range(warmup):
-        if model is not None:
-            timed_generate(model, inputs, gen_config, device)
-        timed_generate(bare, bare_inputs, gen_config, device)
-    for r in range(repeats):
-        order = [("system", model, inputs), ("bare", bare, bare_inputs)]
-        if r % 2:
-            order.reverse()
-        for name, m, x in order:
-            if m is not None:
-                runs[name].append(timed_generate(m, x, gen_config, device))
+    if model is None:
+        for _ in range(warmup):
+            timed_generate(bare, bare_inputs, gen_config, device)
+        runs["bare"] = [timed_generate(bare, bare_inputs, gen_config, device) for _ in range(repeats)]
+        return runs
+    pairs = {"system": (model, inputs), "bare": (bare, bare_inputs)}
+    for r in range(warmup + repeats):
+        order = ("system", "bare") if r % 2 == 0 else ("bare", "system")
+        timings = dict(zip(order, timed_generate_in_turns(pairs[order[0]], pairs[order[1]], gen_config, device)))
+        if r >= warmup:
+            for name in runs:
+                runs[name].append(timings[name])
     return runs
 
 
@@ -583,7 +662,7 @@ def measure_compiled(model, bare, dims, device, settings):
 
 # ----------------------------------------------------------------------------------------------------- worker
 def worker(job, conn=None):
-    """Runs in its own process: one system and the bare LM, every case, interleaved."""
+    """Runs in its own process: one system and the bare LM, every case, stepping in turns."""
     try:
         result = _worker(job)
     except Exception:
@@ -817,9 +896,10 @@ def write_markdown(path, machine, args, dims, rows, checks, vision, compiled, pl
             f"{LABELS[name]} {info['parameters_m']:.1f} M parameters, LM attention `{info['attn_implementation']}`"
             for name, info in models.items()
         ),
-        "- one process per system; in it, the system and the bare LM are timed alternately on every case; "
+        "- one process per system; in it, the system's and the bare LM's `generate()` run in two threads taking "
+        "turns step by step (prefill, prefill, step 1, step 1, ...), so both see the same machine; "
         "prefill = `generate()` start to the first logits; decode ms/token = median time between consecutive logits "
-        "(one decode step); medians over the repeats; ratios are medians of the per-repeat ratios of interleaved "
+        "(one decode step); medians over the repeats; ratios are medians of the per-repeat ratios of those "
         "pairs. The bare LM rows are the bare LM timings of the InfiMM process.",
         "",
         "## Results",
