@@ -18,9 +18,9 @@ the bare LM are built once, and each repeat runs their two ``generate()`` calls 
 by step (system prefill, bare prefill, system step 1, bare step 1, ...; which one starts alternates), so a busy
 machine slows both alike. Each ``generate()`` call is greedy with exactly ``--new-tokens`` tokens (``min_new_tokens`` =
 ``max_new_tokens``); a logits processor stamps the clock at every step: prefill = start of ``generate()`` to the
-first logits (the first forward, plus generate's setup), decode ms/token = the median time between consecutive
-logits (one decode forward plus generate's per-step work; the median keeps a neighbour's burst during a few steps
-out). Reported figures are medians over the repeats; the ratio to the bare LM is the median of the per-repeat
+first logits (the first forward, plus generate's setup), decode ms/token = the median over decode steps of the
+time from the step's start (its turn) to its logits (one decode forward plus generate's per-step work; the median
+keeps a neighbour's burst during a few steps out). Reported figures are medians over the repeats; the ratio to the bare LM is the median of the per-repeat
 ratios of those pairs.
 
 Usage::
@@ -853,12 +853,25 @@ def compile_lines(entries):
     return lines
 
 
+def _result_args(argv):
+    """The command-line arguments that shape the results (not where they are written)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--out-dir", "--json"):
+            skip = True
+        elif not arg.startswith(("--out-dir=", "--json=")):
+            kept.append(arg)
+    return kept
+
+
 def write_markdown(path, machine, args, dims, rows, checks, vision, compiled, plot_name, errors, models):
     text, vision_dims, conn = dims["text"], dims["vision"], dims["connector"]
     lines = [
         "# Decode speed: InfiMM against the bare LM, IDEFICS and LLaVA",
         "",
-        f"Written by `{' '.join(['python benchmarks/decode.py', *args.argv])}`.",
+        f"Written by `{' '.join(['python benchmarks/decode.py', *_result_args(args.argv)])}`.",
         "",
         "## Machine",
         "",
@@ -898,8 +911,8 @@ def write_markdown(path, machine, args, dims, rows, checks, vision, compiled, pl
         ),
         "- one process per system; in it, the system's and the bare LM's `generate()` run in two threads taking "
         "turns step by step (prefill, prefill, step 1, step 1, ...), so both see the same machine; "
-        "prefill = `generate()` start to the first logits; decode ms/token = median time between consecutive logits "
-        "(one decode step); medians over the repeats; ratios are medians of the per-repeat ratios of those "
+        "prefill = `generate()` start to the first logits; decode ms/token = median over the decode steps of a "
+        "step's time in its turn; medians over the repeats; ratios are medians of the per-repeat ratios of those "
         "pairs. The bare LM rows are the bare LM timings of the InfiMM process.",
         "",
         "## Results",
@@ -930,7 +943,7 @@ def write_markdown(path, machine, args, dims, rows, checks, vision, compiled, pl
         "## How to run",
         "",
         "```",
-        "python benchmarks/decode.py                  # this table and plot (about 20 minutes on 2 cores)",
+        "python benchmarks/decode.py --compile        # this table and plot (about 30 minutes on 2 cores)",
         "python benchmarks/decode.py --quick          # smoke run: 2 repeats, 8 new tokens",
         "python benchmarks/decode.py --systems infimm,bare --images 1,8 --batch 1 --profile   # one decode step, op by op",
         "python benchmarks/decode.py --compile --systems infimm --images 1 --batch 1         # torch.compile timings",
