@@ -28,7 +28,7 @@ from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTr
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.utils import can_return_tuple, logging
 
 from .configuration_infimm import InfiMMConfig
@@ -62,25 +62,28 @@ class InfiMMImageCache:
         return len(self.key_values)
 
 
-@dataclass
-class InfiMMModelOutputWithPast(ModelOutput):
-    """`last_hidden_state` of the language model, plus `image_cache` to carry between generation steps."""
+# transformers 5.24 renamed the language model's cache from `past_key_values` to `cache`, as an argument and as an
+# output field. The outputs below inherit the installed version's field and `forward` accepts either name, so the
+# same file serves the whole supported range.
+_CACHE = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
-    last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the language-model cache once, as `cache` or as its older name `past_key_values`.")
+    return cache if cache is not None else past_key_values
+
+
+@dataclass
+class InfiMMModelOutputWithPast(BaseModelOutputWithPast):
+    """The language model's output, plus the resampled images and `image_cache` to carry between generation steps."""
+
     image_hidden_states: torch.FloatTensor | None = None
     image_cache: InfiMMImageCache | None = None
 
 
 @dataclass
-class InfiMMCausalLMOutputWithPast(ModelOutput):
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+class InfiMMCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
     image_cache: InfiMMImageCache | None = None
 
@@ -326,7 +329,7 @@ class InfiMMPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["InfiMMGatedCrossAttentionBlock", "InfiMMPerceiverResampler"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = False
@@ -483,10 +486,11 @@ class InfiMMModel(InfiMMPreTrainedModel):
         image_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         image_cache: InfiMMImageCache | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> InfiMMModelOutputWithPast:
         r"""
@@ -496,14 +500,15 @@ class InfiMMModel(InfiMMPreTrainedModel):
             True for real images, False for padding slots (the processor returns it).
         image_cache (`InfiMMImageCache`, *optional*):
             Image keys/values from the prefill of the same `generate()` call.
+        past_key_values (`Cache`, *optional*):
+            The name of `cache` before transformers 5.24; either is accepted.
         """
+        cache = _one_cache(cache, past_key_values)
         if use_cache is None:
             use_cache = self.config.text_config.use_cache
         # A step after the prompt: the prefill's image cache is the sign (so decode steps never ask a static cache
         # for its length, which would sync with the device); otherwise the cache's length.
-        continuing = past_key_values is not None and (
-            image_cache is not None or past_key_values.get_seq_length() > 0
-        )
+        continuing = cache is not None and (image_cache is not None or cache.get_seq_length() > 0)
         image_inputs, image_hidden_states = self._image_inputs(
             input_ids, pixel_values, image_mask, image_cache, continuing, use_cache
         )
@@ -513,9 +518,9 @@ class InfiMMModel(InfiMMPreTrainedModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            **{_CACHE: cache},
             **kwargs,
         )
         if image_inputs is not None:
@@ -524,7 +529,7 @@ class InfiMMModel(InfiMMPreTrainedModel):
             image_cache = None
         return InfiMMModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
+            **{_CACHE: getattr(outputs, _CACHE)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_hidden_states,
@@ -608,18 +613,21 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
         image_mask: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         image_cache: InfiMMImageCache | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> InfiMMCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch, tokens)`, *optional*):
             Targets for the causal LM loss (shifted inside); -100 is ignored. With `num_items_in_batch` in `kwargs`
             (as Trainer passes under gradient accumulation) the summed loss is divided by it.
+        past_key_values (`Cache`, *optional*):
+            The name of `cache` before transformers 5.24; either is accepted.
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -627,7 +635,7 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
             image_mask=image_mask,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             image_cache=image_cache,
@@ -644,7 +652,7 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
         return InfiMMCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{_CACHE: getattr(outputs, _CACHE)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,

@@ -5,11 +5,17 @@ import threading
 
 import pytest
 import torch
+import transformers
 from transformers import TextIteratorStreamer
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from conftest import REFERENCE_DIR, tiny_model
 
 IMAGE, EOC = 32001, 32000
+
+
+# The language model's cache is `cache` from transformers 5.24 on and `past_key_values` before (argument and field).
+CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 def _prompt_batch():
@@ -57,11 +63,11 @@ def test_cached_image_key_values_equal_recomputed():
 
     cached = model(
         input_ids=next_ids, attention_mask=step_mask, position_ids=positions,
-        past_key_values=copy.deepcopy(prefill.past_key_values), image_cache=prefill.image_cache,
+        past_key_values=copy.deepcopy(prefill[CACHE_NAME]), image_cache=prefill.image_cache,
     )
     recomputed = model(
         input_ids=next_ids, attention_mask=step_mask, position_ids=positions,
-        past_key_values=copy.deepcopy(prefill.past_key_values), pixel_values=pixels, image_mask=image_mask,
+        cache=copy.deepcopy(prefill[CACHE_NAME]), pixel_values=pixels, image_mask=image_mask,
     )
     # Independent of both: the whole sequence again, no cache at all (left padding -> explicit positions).
     full_ids = torch.cat([ids, next_ids], dim=1)
@@ -176,9 +182,46 @@ def test_decode_step_traces_as_one_graph():
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model.forward)(
         input_ids=next_ids, attention_mask=step_mask, position_ids=step_mask.sum(1, keepdim=True) - 1,
-        past_key_values=prefill.past_key_values, image_cache=prefill.image_cache, pixel_values=pixels,
-        image_mask=image_mask, cache_position=torch.tensor([ids.shape[1]]), use_cache=True,
+        **{CACHE_NAME: prefill[CACHE_NAME]}, image_cache=prefill.image_cache, pixel_values=pixels,
+        image_mask=image_mask, use_cache=True,
     )
     torch._dynamo.reset()
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+@torch.no_grad()
+def test_cache_is_taken_under_either_name_and_returned_under_the_installed_one():
+    """generate() of transformers < 5.24 passes `past_key_values`, later ones `cache`: both mean the same."""
+    model = tiny_model()
+    ids, mask, pixels, image_mask = _prompt_batch()
+    prefill = model(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_mask=image_mask, use_cache=True)
+    assert CACHE_NAME in prefill and prefill[CACHE_NAME].get_seq_length() == ids.shape[1]
+    assert prefill.to_tuple()[1] is prefill[CACHE_NAME]  # (logits, cache, ...) as the library's outputs order them
+    next_ids = prefill.logits[:, -1].argmax(-1, keepdim=True)
+    step = dict(input_ids=next_ids, attention_mask=torch.cat([mask, torch.ones_like(next_ids)], dim=1),
+                image_cache=prefill.image_cache)
+    by_name = {
+        name: model(**step, **{name: copy.deepcopy(prefill[CACHE_NAME])}).logits for name in ("cache", "past_key_values")
+    }
+    uncached = model(input_ids=torch.cat([ids, next_ids], dim=1), attention_mask=step["attention_mask"],
+                     pixel_values=pixels, image_mask=image_mask, use_cache=False).logits[:, -1:]
+    torch.testing.assert_close(by_name["cache"], by_name["past_key_values"], rtol=0, atol=0)
+    torch.testing.assert_close(by_name["cache"], uncached, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="`cache` or as its older name `past_key_values`"):
+        model(**step, cache=prefill[CACHE_NAME], past_key_values=prefill[CACHE_NAME])
+
+
+def test_generate_uses_the_installed_cache_name_without_deprecation_warnings(caplog):
+    model = tiny_model()
+    ids, mask, pixels, image_mask = _prompt_batch()
+    library_logger = transformers.logging.get_logger("transformers")
+    transformers.logging.get_logger().warning_once.cache_clear()  # shown once per process otherwise
+    library_logger.propagate = True
+    try:
+        with caplog.at_level("WARNING", logger="transformers"):
+            model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_mask=image_mask,
+                           max_new_tokens=3, do_sample=False)
+    finally:
+        library_logger.propagate = False
+    assert not [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
