@@ -241,11 +241,17 @@ class InfiMMGatedCrossAttentionBlock(GradientCheckpointingLayer):
         image_inputs.cache.key_values[self.layer_idx] = (key, value)
 
 
-def _cross_attention_pre_hook(block, module, args, kwargs):
-    """Runs `block` on the decoder layer's input; removes the image inputs from what the layer itself sees."""
+def _cross_attention_pre_hook(model, layer_idx, module, args, kwargs):
+    """Runs the block before decoder layer `layer_idx` (if any) on the layer's input; hides the image inputs from
+    the layer itself.
+
+    The block is looked up on the model at every call rather than held by the hook, so a wrapper that replaces it
+    (PEFT's `modules_to_save`, say) is what runs.
+    """
     image_inputs = kwargs.pop(_IMAGE_INPUTS_KWARG, None)
-    if block is None or image_inputs is None:
+    if layer_idx is None or image_inputs is None:
         return args, kwargs
+    block = model.cross_attention_layers[str(layer_idx)]
     if args:
         args = (block(args[0], image_inputs), *args[1:])
     else:
@@ -383,8 +389,8 @@ class InfiMMModel(InfiMMPreTrainedModel):
             {str(i): InfiMMGatedCrossAttentionBlock(config, i) for i in config.cross_attention_layers}
         )
         for i, layer in enumerate(self.language_model.model.layers):
-            block = self.cross_attention_layers[str(i)] if str(i) in self.cross_attention_layers else None
-            layer.register_forward_pre_hook(partial(_cross_attention_pre_hook, block), with_kwargs=True)
+            block_idx = i if i in config.cross_attention_layers else None
+            layer.register_forward_pre_hook(partial(_cross_attention_pre_hook, self, block_idx), with_kwargs=True)
         self.post_init()
 
     @classmethod

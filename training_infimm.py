@@ -192,8 +192,8 @@ def mark_for_remote_code(model) -> None:
 def apply_lora(model, r: int = 16, alpha: int = 32, dropout: float = 0.05, target_modules=LORA_TARGET_MODULES, **kwargs):
     """LoRA adapters on the language model's projections (PEFT); the connector keeps training fully, in place.
 
-    The connector is not a PEFT `modules_to_save` copy: its blocks run from forward pre-hooks bound to the original
-    modules, so a copy would never be called. Its weights are saved beside the adapter by `save_lora` instead.
+    The connector trains in place rather than as PEFT `modules_to_save` copies (which work too, named per module:
+    `resampler`, `cross_attention_layers.<i>`), so it is held once; `save_lora` writes it beside the adapter.
     Returns the `PeftModel`; the vision tower and the LLM's own weights are frozen.
     """
     from peft import LoraConfig, get_peft_model

@@ -184,6 +184,54 @@ def test_lora_round_trip(tokenizer, tmp_path):
         assert not torch.allclose(base(**batch).logits, expected, atol=1e-3)
 
 
+@pytest.mark.parametrize("every_block", [False, True])
+def test_peft_modules_to_save_copies_are_the_blocks_that_run(every_block, tokenizer):
+    """PEFT's own way to train connector parts next to LoRA: its copies must be what the decoder layers call, what
+    trains, and what steps aside under `disable_adapter()`."""
+    from peft import LoraConfig, get_peft_model
+
+    model = tiny_model().eval()
+    batch = InfiMMDataCollator(_processor(model, tokenizer))(_chats()[:2])
+    labels = batch.pop("labels")
+    targeted = list(model.model.cross_attention_layers) if every_block else ["1"]
+    with torch.no_grad():
+        before = model(**batch).logits
+        # Independent expectation: the same model with the targeted blocks' gates shut, edited directly.
+        shut = tiny_model().eval()
+        for i in targeted:
+            shut.model.cross_attention_layers[i].attn_gate.zero_()
+            shut.model.cross_attention_layers[i].ff_gate.zero_()
+        expected = shut(**batch).logits
+    assert not torch.allclose(expected, before, atol=1e-4)
+
+    names = [f"cross_attention_layers.{i}" for i in targeted] + (["resampler"] if every_block else [])
+    # LoRA's B starts at zero, so only the copies' edits below can change the output.
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=names))
+    wrappers = {name: module for name, module in peft_model.named_modules() if name.endswith(tuple(names))}
+    blocks = [wrappers[n].modules_to_save["default"] for n in wrappers if "cross_attention_layers" in n]
+    assert len(blocks) == len(targeted)
+    resampler_calls = []
+    for name, wrapper in wrappers.items():
+        if name.endswith("resampler"):
+            for which, module in (("original", wrapper.original_module), ("copy", wrapper.modules_to_save["default"])):
+                module.register_forward_hook(lambda *_, which=which: resampler_calls.append(which))
+    with torch.no_grad():
+        for block in blocks:
+            block.attn_gate.zero_()
+            block.ff_gate.zero_()
+        torch.testing.assert_close(peft_model(**batch).logits, expected, rtol=1e-5, atol=1e-5)
+        with peft_model.disable_adapter():
+            torch.testing.assert_close(peft_model(**batch).logits, before, rtol=1e-5, atol=1e-5)
+    assert resampler_calls == (["copy", "original"] if every_block else [])
+
+    peft_model.train()
+    peft_model(**batch, labels=labels).loss.backward()
+    for block in blocks:
+        assert block.attn_gate.grad is not None and block.attn_gate.grad.abs().sum() > 0
+    originals = [p for n, p in peft_model.named_parameters() if "original_module" in n]
+    assert originals and all(p.grad is None and not p.requires_grad for p in originals)
+
+
 def test_lora_resume_from_checkpoint_is_exact(tmp_path):
     finetune = _import_finetune()
     common = ["--stage", "pt", "--synthetic", "4", "--lora", "--lora-r", "4", "--max-steps", "2",
