@@ -1,0 +1,145 @@
+"""Chat with InfiMM in the terminal: several turns, images attached to any of them, answers streamed.
+
+    python examples/chat.py --model path/or/hub-id --image photo.jpg
+    python examples/chat.py --model path/or/hub-id --system "Answer in one sentence."
+    python examples/chat.py    # no download: a small random-weight InfiMM (its answers are noise)
+
+Type a message and press Enter. `/image PATH [PATH ...]` attaches images to your next message, `/reset` forgets the
+conversation, `/quit` (or the end of the input) leaves. Every turn runs the whole conversation through the model's
+chat template, so earlier images and answers stay in view; a conversation longer than the model's context is
+refused with a message, and `/reset` starts over.
+
+Loading (Hub folders, repo ids, original release snapshots) and the random model come from `generate.py`, next to
+this file.
+"""
+
+import argparse
+import os
+
+import torch
+from transformers import TextStreamer
+
+from generate import RANDOM_WEIGHTS_NOTICE, build_random_model, load
+from infimm.processing_infimm import load_image
+
+
+class Chat:
+    """One conversation: its messages so far, and the images waiting for the next user message.
+
+    `send()` appends the user's message (with the waiting images), generates, and appends the answer as the
+    assistant's message, so the next turn's prompt holds the whole exchange.
+    """
+
+    def __init__(self, model, processor, system: str | None = None, **generate_kwargs):
+        if processor.chat_template is None:
+            raise ValueError(
+                "This model has no chat template (a pretrained, non-chat checkpoint). Use examples/few_shot.py or "
+                "examples/generate.py with it, or pass a chat model to --model."
+            )
+        self.model, self.processor = model, processor
+        self.system = system
+        self.generate_kwargs = generate_kwargs
+        self.reset()
+
+    def reset(self):
+        self.messages = [] if self.system is None else [
+            {"role": "system", "content": [{"type": "text", "text": self.system}]}
+        ]
+        self.pending_images = []
+
+    def attach(self, *images):
+        """Images for the next message; paths and URLs are read now, so a bad one fails here and not mid-turn."""
+        self.pending_images.extend(load_image(i) if isinstance(i, (str, os.PathLike)) else i for i in images)
+
+    def inputs(self, messages=None):
+        """Model inputs for `messages` (default: the conversation so far) with the assistant's turn opened."""
+        return self.processor.apply_chat_template(
+            self.messages if messages is None else messages,
+            add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt",
+        ).to(self.model.device, dtype=self.model.dtype)
+
+    def send(self, text: str, streamer=None) -> str:
+        content = [*({"type": "image", "image": image} for image in self.pending_images), {"type": "text", "text": text}]
+        messages = [*self.messages, {"role": "user", "content": content}]
+        inputs = self.inputs(messages)  # raises (and keeps the conversation as it was) if it no longer fits
+        with torch.inference_mode():
+            output = self.model.generate(**inputs, streamer=streamer, **self.generate_kwargs)
+        answer = self.processor.post_process_image_text_to_text(output, input_ids=inputs["input_ids"])[0].strip()
+        self.messages = [*messages, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+        self.pending_images = []
+        return answer
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="InfiMM chat model folder or Hub repo id; omitted: a small random-weight model")
+    parser.add_argument("--image", nargs="+", default=[], help="images attached to the first message")
+    parser.add_argument("--system", help="a system message opening the conversation")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="default: the model's generation config (20 for the random model)")
+    parser.add_argument("--greedy", action="store_true", help="disable sampling (the release samples with top_p=0.5)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.model is None:
+        import tempfile
+        from pathlib import Path
+
+        folder = Path(tempfile.mkdtemp(prefix="infimm-random-"))
+        build_random_model(folder, args.seed)
+        model_id = str(folder)
+    else:
+        model_id = args.model
+    model, processor = load(model_id, args.device, args.dtype)
+    generate_kwargs = {}
+    if args.max_new_tokens is not None:
+        generate_kwargs["max_new_tokens"] = args.max_new_tokens
+    if args.greedy:
+        generate_kwargs.update(do_sample=False, top_p=None, top_k=None)
+    chat = Chat(model, processor, system=args.system, **generate_kwargs)
+    if args.image:
+        chat.attach(*args.image)
+    torch.manual_seed(args.seed)
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+    if args.model is None:
+        print(RANDOM_WEIGHTS_NOTICE)
+    print("Commands: /image PATH [PATH ...], /reset, /quit")
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print()
+            break
+        if not line:
+            continue
+        command, _, rest = line.partition(" ")
+        if command == "/quit":
+            break
+        if command == "/reset":
+            chat.reset()
+            print("(conversation cleared)")
+            continue
+        if command == "/image":
+            try:
+                chat.attach(*rest.split())
+            except (OSError, ValueError) as err:
+                print(f"(could not load an image: {err})")
+                continue
+            print(f"({len(chat.pending_images)} image(s) attached to your next message)")
+            continue
+        print("infimm> ", end="", flush=True)
+        try:
+            chat.send(line, streamer=streamer)
+        except ValueError as err:  # e.g. the conversation outgrew the model's context
+            print(f"\n({err} Type /reset to start over.)")
+    return chat
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Few-shot prompting in InfiMM's pretraining layout: example images with their texts, then the query images.
+
+    python examples/few_shot.py --model path/or/hub-id \\
+        --shot cat.jpg "A cat on a sofa." --shot dog.jpg "A dog in the snow." --query a.jpg b.jpg
+    python examples/few_shot.py --model path/or/hub-id --prompt "Question: What colour is it? Answer:" \\
+        --shot bus.jpg "Question: What colour is it? Answer: red" --query car.jpg
+    python examples/few_shot.py    # no download: a small random-weight InfiMM and coloured squares
+
+Each query becomes one prompt `<image>TEXT<|endofchunk|><image>TEXT<|endofchunk|>...<image>PROMPT` (the Flamingo
+layout the models were pretrained on); all queries run as one left-padded batch, and each answer ends at the
+`<|endofchunk|>` that closes a chunk in that layout (or at end-of-sequence). Pretrained (non-chat) checkpoints are
+the ones this suits; chat models answer better through examples/chat.py.
+
+Loading (Hub folders, repo ids, original release snapshots) and the random model come from `generate.py`, next to
+this file.
+"""
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import PIL.Image
+import torch
+
+from generate import RANDOM_WEIGHTS_NOTICE, build_random_model, load
+
+
+def few_shot_prompt(processor, shot_texts: list[str], prompt: str = "") -> str:
+    """The pretraining layout: each example image followed by its text and an end-of-chunk, then the query image."""
+    image, eoc = processor.image_token, processor.eoc_token
+    return "".join(f"{image}{text}{eoc}" for text in shot_texts) + image + prompt
+
+
+def few_shot(model, processor, shots, queries, prompt: str = "", **generate_kwargs) -> list[str]:
+    """Answers for `queries` (images) after the `(image, text)` `shots`, generated as one batch."""
+    shot_images = [image for image, _ in shots]
+    text = few_shot_prompt(processor, [text for _, text in shots], prompt)
+    inputs = processor(
+        text=[text] * len(queries), images=[[*shot_images, query] for query in queries], return_tensors="pt"
+    ).to(model.device, dtype=model.dtype)
+    # A chunk ends at <|endofchunk|>: stop there as well as at the tokenizer's end-of-sequence.
+    generate_kwargs.setdefault("eos_token_id", [processor.tokenizer.eos_token_id, processor.eoc_token_id])
+    generate_kwargs.setdefault("do_sample", False)
+    with torch.inference_mode():
+        output = model.generate(**inputs, **generate_kwargs)
+    answers = processor.batch_decode(output, input_ids=inputs["input_ids"], skip_special_tokens=True)
+    return [answer.strip() for answer in answers]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="InfiMM folder or Hub repo id; omitted: a small random-weight model")
+    parser.add_argument("--shot", nargs=2, action="append", metavar=("IMAGE", "TEXT"), default=[],
+                        help="an example image and its text (repeat for more shots; none: zero-shot)")
+    parser.add_argument("--query", nargs="+", default=[], help="images to answer for, as one batch")
+    parser.add_argument("--prompt", default="", help="text after each query image, e.g. 'Output:' or a question")
+    parser.add_argument("--max-new-tokens", type=int, default=20)
+    parser.add_argument("--num-beams", type=int, default=1)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def _square(rgb) -> PIL.Image.Image:
+    return PIL.Image.new("RGB", (64, 64), rgb)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.model is None:
+        folder = Path(tempfile.mkdtemp(prefix="infimm-random-"))
+        build_random_model(folder, args.seed)
+        model_id = str(folder)
+    else:
+        model_id = args.model
+    if args.query:
+        shots, queries, names = args.shot, args.query, args.query
+    elif args.model is None:  # a demonstration on generated images
+        shots = [(_square((220, 30, 30)), "A red square."), (_square((30, 170, 60)), "A green square.")]
+        queries, names = [_square((30, 60, 220)), _square((230, 210, 30))], ["a blue square", "a yellow square"]
+    else:
+        raise SystemExit("Pass the images to answer for with --query IMAGE [IMAGE ...].")
+
+    model, processor = load(model_id, args.device, args.dtype)
+    if args.model is None:
+        print(RANDOM_WEIGHTS_NOTICE)
+    print("Prompt:", few_shot_prompt(processor, [text for _, text in shots], args.prompt))
+    torch.manual_seed(args.seed)
+    answers = few_shot(model, processor, shots, queries, args.prompt,
+                       max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    for name, answer in zip(names, answers):
+        print(f"{name}: {answer}")
+    return answers
+
+
+if __name__ == "__main__":
+    main()
