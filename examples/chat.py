@@ -19,7 +19,7 @@ import os
 import torch
 from transformers import TextStreamer
 
-from generate import RANDOM_WEIGHTS_NOTICE, build_random_model, load
+from generate import RANDOM_WEIGHTS_NOTICE, add_model_arguments, generate_overrides, load, model_or_random
 from infimm.processing_infimm import load_image
 
 
@@ -72,36 +72,16 @@ class Chat:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="InfiMM chat model folder or Hub repo id; omitted: a small random-weight model")
+    add_model_arguments(parser)
     parser.add_argument("--image", nargs="+", default=[], help="images attached to the first message")
     parser.add_argument("--system", help="a system message opening the conversation")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="default: the model's generation config (20 for the random model)")
-    parser.add_argument("--greedy", action="store_true", help="disable sampling (the release samples with top_p=0.5)")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.model is None:
-        import tempfile
-        from pathlib import Path
-
-        folder = Path(tempfile.mkdtemp(prefix="infimm-random-"))
-        build_random_model(folder, args.seed)
-        model_id = str(folder)
-    else:
-        model_id = args.model
-    model, processor = load(model_id, args.device, args.dtype)
-    generate_kwargs = {}
-    if args.max_new_tokens is not None:
-        generate_kwargs["max_new_tokens"] = args.max_new_tokens
-    if args.greedy:
-        generate_kwargs.update(do_sample=False, top_p=None, top_k=None)
-    chat = Chat(model, processor, system=args.system, **generate_kwargs)
+    model, processor = load(model_or_random(args), args.device, args.dtype)
+    chat = Chat(model, processor, system=args.system, **generate_overrides(args))
     if args.image:
         chat.attach(*args.image)
     torch.manual_seed(args.seed)

@@ -16,13 +16,11 @@ this file.
 """
 
 import argparse
-import tempfile
-from pathlib import Path
 
 import PIL.Image
 import torch
 
-from generate import RANDOM_WEIGHTS_NOTICE, build_random_model, load
+from generate import RANDOM_WEIGHTS_NOTICE, add_model_arguments, generate_overrides, load, model_or_random
 
 
 def few_shot_prompt(processor, shot_texts: list[str], prompt: str = "") -> str:
@@ -40,7 +38,7 @@ def few_shot(model, processor, shots, queries, prompt: str = "", **generate_kwar
     ).to(model.device, dtype=model.dtype)
     # A chunk ends at <|endofchunk|>: stop there as well as at the tokenizer's end-of-sequence.
     generate_kwargs.setdefault("eos_token_id", [processor.tokenizer.eos_token_id, processor.eoc_token_id])
-    generate_kwargs.setdefault("do_sample", False)
+    generate_kwargs.setdefault("do_sample", False)  # short completions: greedy (or beams) unless asked otherwise
     with torch.inference_mode():
         output = model.generate(**inputs, **generate_kwargs)
     answers = processor.batch_decode(output, input_ids=inputs["input_ids"], skip_special_tokens=True)
@@ -49,16 +47,12 @@ def few_shot(model, processor, shots, queries, prompt: str = "", **generate_kwar
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="InfiMM folder or Hub repo id; omitted: a small random-weight model")
+    add_model_arguments(parser, max_new_tokens_default=20)
     parser.add_argument("--shot", nargs=2, action="append", metavar=("IMAGE", "TEXT"), default=[],
                         help="an example image and its text (repeat for more shots; none: zero-shot)")
     parser.add_argument("--query", nargs="+", default=[], help="images to answer for, as one batch")
     parser.add_argument("--prompt", default="", help="text after each query image, e.g. 'Output:' or a question")
-    parser.add_argument("--max-new-tokens", type=int, default=20)
     parser.add_argument("--num-beams", type=int, default=1)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
@@ -68,27 +62,21 @@ def _square(rgb) -> PIL.Image.Image:
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.model is None:
-        folder = Path(tempfile.mkdtemp(prefix="infimm-random-"))
-        build_random_model(folder, args.seed)
-        model_id = str(folder)
-    else:
-        model_id = args.model
+    if args.model is not None and not args.query:
+        raise SystemExit("Pass the images to answer for with --query IMAGE [IMAGE ...].")
     if args.query:
         shots, queries, names = args.shot, args.query, args.query
-    elif args.model is None:  # a demonstration on generated images
+    else:  # the random model's demonstration, on generated images
         shots = [(_square((220, 30, 30)), "A red square."), (_square((30, 170, 60)), "A green square.")]
         queries, names = [_square((30, 60, 220)), _square((230, 210, 30))], ["a blue square", "a yellow square"]
-    else:
-        raise SystemExit("Pass the images to answer for with --query IMAGE [IMAGE ...].")
 
-    model, processor = load(model_id, args.device, args.dtype)
+    model, processor = load(model_or_random(args), args.device, args.dtype)
     if args.model is None:
         print(RANDOM_WEIGHTS_NOTICE)
     print("Prompt:", few_shot_prompt(processor, [text for _, text in shots], args.prompt))
     torch.manual_seed(args.seed)
-    answers = few_shot(model, processor, shots, queries, args.prompt,
-                       max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    answers = few_shot(model, processor, shots, queries, args.prompt, num_beams=args.num_beams,
+                       **generate_overrides(args))
     for name, answer in zip(names, answers):
         print(f"{name}: {answer}")
     return answers

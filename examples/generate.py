@@ -35,19 +35,44 @@ RANDOM_WEIGHTS_NOTICE = (
 )
 
 
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_model_arguments(parser, max_new_tokens_default=None):
+    """The options every example script shares: which model, where it runs, and how it samples."""
     parser.add_argument("--model", help="InfiMM folder or Hub repo id; omitted: a small random-weight model")
-    parser.add_argument("--image", nargs="+", help="image paths or http(s) URLs (default: the bundled sample chart)")
-    parser.add_argument("--prompt", default="Please explain this image to me.")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="default: the model's generation config (20 for the random model)")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens_default,
+                        help="default: %(default)s (None: the model's generation config; 20 for the random model)")
     parser.add_argument("--greedy", action="store_true", help="disable sampling (the release samples with top_p=0.5)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
     parser.add_argument("--output", help="where to save the random model's folder (default: a temporary folder)")
     parser.add_argument("--seed", type=int, default=0)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--image", nargs="+", help="image paths or http(s) URLs (default: the bundled sample chart)")
+    parser.add_argument("--prompt", default="Please explain this image to me.")
     return parser.parse_args(argv)
+
+
+def generate_overrides(args) -> dict:
+    """`generate()` keyword arguments for `--max-new-tokens` / `--greedy`; the rest comes from the model's config."""
+    overrides = {}
+    if args.max_new_tokens is not None:
+        overrides["max_new_tokens"] = args.max_new_tokens
+    if args.greedy:
+        overrides.update(do_sample=False, top_p=None, top_k=None)
+    return overrides
+
+
+def model_or_random(args) -> str:
+    """`--model`, or the folder of a freshly built random-weight model when it is omitted."""
+    if args.model is not None:
+        return args.model
+    folder = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="infimm-random-"))
+    build_random_model(folder, args.seed)
+    print(f"Saved a random-weight InfiMM (scaled-down infimm-zephyr) to {folder}")
+    return str(folder)
 
 
 def build_random_model(folder: Path, seed: int) -> Path:
@@ -111,13 +136,7 @@ def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
     random_model = args.model is None
-    if random_model:
-        folder = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="infimm-random-"))
-        build_random_model(folder, args.seed)
-        print(f"Saved a random-weight InfiMM (scaled-down infimm-zephyr) to {folder}")
-        model_id = str(folder)
-    else:
-        model_id = args.model
+    model_id = model_or_random(args)
     images = args.image or [str(sample_image_path())]
 
     model, processor = load(model_id, args.device, args.dtype)
@@ -134,15 +153,10 @@ def main(argv=None):
     if random_model:
         print(RANDOM_WEIGHTS_NOTICE)
     print(f"Images: {', '.join(map(str, images))}\nPrompt: {args.prompt}\nAnswer: ", end="", flush=True)
-    generate_kwargs = {}
-    if args.max_new_tokens is not None:
-        generate_kwargs["max_new_tokens"] = args.max_new_tokens
-    if args.greedy:
-        generate_kwargs.update(do_sample=False, top_p=None, top_k=None)
     torch.manual_seed(args.seed)
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     with torch.inference_mode():
-        output = model.generate(**inputs, streamer=streamer, **generate_kwargs)
+        output = model.generate(**inputs, streamer=streamer, **generate_overrides(args))
     new_tokens = output.shape[1] - inputs["input_ids"].shape[1]
     print(f"[{new_tokens} new tokens in {time.perf_counter() - start:.1f} s total]")
     return processor.post_process_image_text_to_text(output, input_ids=inputs["input_ids"])
