@@ -29,15 +29,18 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
-from transformers.utils import can_return_tuple, logging
+from transformers.utils import can_return_tuple, is_accelerate_available, logging
 
 from .configuration_infimm import InfiMMConfig
+from .device_map_infimm import infer_device_map
 
 
 logger = logging.get_logger(__name__)
 
 # `device_map` strategies for which the blocks are placed with their decoder layers.
 _PLANNED_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+# `from_pretrained` arguments that say where the config is read from.
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 # Keyword under which the per-call image state travels from `InfiMMModel.forward` through the language model's
 # `**kwargs` to the decoder layers' pre-hooks.
@@ -571,23 +574,20 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
 
     @classmethod
     def _plan_device_map(cls, pretrained_model_name_or_path, kwargs):
-        """accelerate's automatic map, then each cross-attention block moved to its decoder layer's device.
-
-        The blocks sit outside the decoder layers (so the LM keeps its own keys), which accelerate would otherwise
-        place on their own. The planner lives in the installed package; without it the plain map is used (still
-        correct, with extra transfers between devices).
-        """
-        try:  # optional and package-only, like the legacy loader above
-            from infimm.training_infimm import infer_device_map, meta_model
-        except ImportError:
+        """accelerate's automatic map with each cross-attention block on its decoder layer's device and the vision
+        tower kept off disk (see `device_map_infimm`), planned on a model without storage."""
+        if not is_accelerate_available():  # transformers itself explains that `device_map` needs accelerate
             return kwargs["device_map"]
         config = kwargs.get("config")
         if not isinstance(config, PreTrainedConfig):
-            config = cls.config_class.from_pretrained(pretrained_model_name_or_path)
+            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+            config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         dtype = config.dtype if dtype in (None, "auto") else dtype
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        return infer_device_map(meta_model(config, dtype=dtype), max_memory=kwargs.get("max_memory"), dtype=dtype)
+        with torch.device("meta"):
+            meta = cls._from_config(config, dtype=dtype)
+        return infer_device_map(meta, max_memory=kwargs.get("max_memory"), dtype=dtype, strategy=kwargs["device_map"])
 
     @property
     def lm_head(self) -> nn.Module:

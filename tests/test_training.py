@@ -366,6 +366,57 @@ def test_device_map_auto_keeps_blocks_with_layers(tmp_path):
         torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
+REMOTE_DEVICE_MAP = textwrap.dedent(
+    """
+    import sys
+    sys.modules["infimm"] = None  # only the saved remote code may be used
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    folder, offload, inputs_file, results_file = sys.argv[1:]
+    torch.set_num_threads(1)
+    model = AutoModelForImageTextToText.from_pretrained(
+        folder, trust_remote_code=True, device_map="auto", max_memory={"cpu": 1_000_000}, offload_folder=offload
+    ).eval()
+    with torch.no_grad():
+        logits = model(**torch.load(inputs_file)).logits
+    torch.save({"module": type(model).__module__, "device_map": dict(model.hf_device_map), "logits": logits},
+               results_file)
+    """
+)
+
+
+@pytest.mark.slow
+def test_device_map_auto_is_planned_by_the_remote_code_too(tmp_path):
+    """Loaded from the Hub files alone, `device_map="auto"` under a cap where accelerate by itself would send the
+    vision tower to disk (never loaded there): the shipped planner keeps it on the CPU and blocks with layers."""
+    from helpers_modeling import save_remote_code_folder
+
+    model = tiny_model()
+    folder = save_remote_code_folder(model, tmp_path / "model")
+    assert (folder / "device_map_infimm.py").is_file()
+    meta = training.meta_model(model.config)
+    raw = infer_auto_device_map(meta, max_memory={"cpu": 1_000_000}, no_split_module_classes=sorted(meta._no_split_modules))
+    tower_keys = [key for key in raw if key == "" or "model.vision_tower".startswith(key + ".") or key == "model.vision_tower"]
+    assert {raw[key] for key in tower_keys} == {"disk"}  # accelerate alone: the tower (and all else) on disk
+
+    inputs = dict(input_ids=torch.tensor([[1, 32001, 330, 5255, 28723, 32000, 32001, 330]]),
+                  pixel_values=torch.randn(1, 2, 3, 28, 28, generator=torch.Generator().manual_seed(0)))
+    torch.save(inputs, tmp_path / "inputs.pt")
+    env = {**_child_env(), "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    child = subprocess.run(
+        [sys.executable, "-c", REMOTE_DEVICE_MAP, str(folder), str(tmp_path / "offload"), str(tmp_path / "inputs.pt"),
+         str(tmp_path / "results.pt")], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert child.returncode == 0, child.stderr[-6000:]
+    result = torch.load(tmp_path / "results.pt")
+    assert result["module"].startswith("transformers_modules.")
+    device_map = result["device_map"]
+    assert set(device_map.values()) == {"cpu", "disk"} and device_map["model.vision_tower"] == "cpu"
+    assert training.blocks_follow_layers(meta, device_map)
+    with torch.no_grad():
+        torch.testing.assert_close(result["logits"], model(**inputs).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_accelerate_alone_splits_a_block_from_its_layer():
     meta = training.meta_model(tiny_config())
     raw = infer_auto_device_map(meta, max_memory={"cpu": 17_000_000},
