@@ -417,6 +417,11 @@ def test_device_map_auto_is_planned_by_the_remote_code_too(tmp_path):
         torch.testing.assert_close(result["logits"], model(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_device_map_strategy_must_be_known():
+    with pytest.raises(ValueError, match="'balanced_low_0' or 'sequential'"):
+        training.infer_device_map(training.meta_model(tiny_config()), strategy="fastest")
+
+
 def test_accelerate_alone_splits_a_block_from_its_layer():
     meta = training.meta_model(tiny_config())
     raw = infer_auto_device_map(meta, max_memory={"cpu": 17_000_000},
