@@ -132,6 +132,18 @@ def load(model_id: str, device: str, dtype: str):
     return model.to(device).eval(), processor
 
 
+def prompt_inputs(processor, images, prompt: str):
+    """One question about `images`: a user turn of the chat template, or for a pretrained (non-chat) model the
+    Flamingo layout with the images first."""
+    if processor.chat_template is not None:
+        messages = [{"role": "user", "content": [*({"type": "image", "image": image} for image in images),
+                                                 {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+    return processor(text=processor.image_token * len(images) + prompt, images=images, return_tensors="pt")
+
+
 def main(argv=None):
     args = parse_args(argv)
     start = time.perf_counter()
@@ -140,15 +152,7 @@ def main(argv=None):
     images = args.image or [str(sample_image_path())]
 
     model, processor = load(model_id, args.device, args.dtype)
-    if processor.chat_template is not None:
-        messages = [{"role": "user", "content": [*({"type": "image", "image": image} for image in images),
-                                                 {"type": "text", "text": args.prompt}]}]
-        inputs = processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
-        )
-    else:  # a pretrained (non-chat) model: the Flamingo layout, images first
-        inputs = processor(text="<image>" * len(images) + args.prompt, images=images, return_tensors="pt")
-    inputs = inputs.to(model.device, dtype=model.dtype)
+    inputs = prompt_inputs(processor, images, args.prompt).to(model.device, dtype=model.dtype)
 
     if random_model:
         print(RANDOM_WEIGHTS_NOTICE)
