@@ -83,6 +83,8 @@ def infer_device_map(
     Moving blocks can overfill a device; that device's budget is then shrunk by the excess and the map inferred
     again (a few rounds at most). Extra `kwargs` go to `infer_auto_device_map`.
     """
+    if not is_accelerate_available():
+        raise ImportError("Planning a device map needs accelerate: `pip install accelerate`.")
     if strategy not in ("auto", "balanced", "balanced_low_0", "sequential"):
         raise ValueError(
             f"Unknown device-map strategy {strategy!r}; use 'auto', 'balanced', 'balanced_low_0' or 'sequential', "

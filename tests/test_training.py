@@ -422,6 +422,14 @@ def test_device_map_strategy_must_be_known():
         training.infer_device_map(training.meta_model(tiny_config()), strategy="fastest")
 
 
+def test_device_map_without_accelerate_says_what_to_install(monkeypatch):
+    import infimm.device_map_infimm as planner
+
+    monkeypatch.setattr(planner, "is_accelerate_available", lambda: False)
+    with pytest.raises(ImportError, match="pip install accelerate"):
+        planner.infer_device_map(training.meta_model(tiny_config()))
+
+
 def test_accelerate_alone_splits_a_block_from_its_layer():
     meta = training.meta_model(tiny_config())
     raw = infer_auto_device_map(meta, max_memory={"cpu": 17_000_000},
