@@ -9,6 +9,7 @@ budget it offloads the vision tower, whose weights its hooks would never load (t
 with the remote code, so loading from the Hub plans the same map.
 """
 
+import torch
 from torch import nn
 
 from transformers.utils import is_accelerate_available, logging
@@ -64,11 +65,17 @@ def place_blocks_with_layers(model: nn.Module, device_map: dict) -> dict:
     return device_map
 
 
-def _device_loads(model: nn.Module, device_map: dict, sizes: dict) -> dict:
+def _device_loads(device_map: dict, sizes: dict) -> dict:
     loads = {}
     for key, device in device_map.items():
         loads[device] = loads.get(device, 0) + sizes.get(key, 0)
     return loads
+
+
+def meta_model(model_class, config, dtype=None) -> nn.Module:
+    """A `model_class` (an InfiMM class with its head) with no storage, to plan a map before loading any weight."""
+    with torch.device("meta"):
+        return model_class._from_config(config, dtype=dtype)
 
 
 def infer_device_map(
@@ -110,7 +117,7 @@ def infer_device_map(
         # The tower is run through `forward_intermediates`, not its module call, so accelerate's offload hooks would
         # never load its weights: it stays on the main device.
         _assign(model, device_map, "model.vision_tower", main_device)
-        loads = _device_loads(model, device_map, sizes)
+        loads = _device_loads(device_map, sizes)
         over = {d: loads.get(d, 0) - budget[d] for d in budget if d != "disk" and loads.get(d, 0) > budget[d]}
         if not over:
             return device_map
@@ -133,4 +140,4 @@ def blocks_follow_layers(model: nn.Module, device_map: dict) -> bool:
     return True
 
 
-__all__ = ["infer_device_map", "place_blocks_with_layers", "blocks_follow_layers"]
+__all__ = ["infer_device_map", "meta_model", "place_blocks_with_layers", "blocks_follow_layers"]

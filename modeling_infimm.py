@@ -32,7 +32,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.utils import can_return_tuple, is_accelerate_available, logging
 
 from .configuration_infimm import InfiMMConfig
-from .device_map_infimm import infer_device_map
+from .device_map_infimm import infer_device_map, meta_model
 
 
 logger = logging.get_logger(__name__)
@@ -244,17 +244,17 @@ class InfiMMGatedCrossAttentionBlock(GradientCheckpointingLayer):
         image_inputs.cache.key_values[self.layer_idx] = (key, value)
 
 
-def _cross_attention_pre_hook(model, layer_idx, module, args, kwargs):
-    """Runs the block before decoder layer `layer_idx` (if any) on the layer's input; hides the image inputs from
-    the layer itself.
+def _cross_attention_pre_hook(model, block_key, module, args, kwargs):
+    """Runs `model.cross_attention_layers[block_key]` (if the layer has a block) on the layer's input; hides the image
+    inputs from the layer itself.
 
     The block is looked up on the model at every call rather than held by the hook, so a wrapper that replaces it
     (PEFT's `modules_to_save`, say) is what runs.
     """
     image_inputs = kwargs.pop(_IMAGE_INPUTS_KWARG, None)
-    if layer_idx is None or image_inputs is None:
+    if block_key is None or image_inputs is None:
         return args, kwargs
-    block = model.cross_attention_layers[str(layer_idx)]
+    block = model.cross_attention_layers[block_key]
     if args:
         args = (block(args[0], image_inputs), *args[1:])
     else:
@@ -392,8 +392,8 @@ class InfiMMModel(InfiMMPreTrainedModel):
             {str(i): InfiMMGatedCrossAttentionBlock(config, i) for i in config.cross_attention_layers}
         )
         for i, layer in enumerate(self.language_model.model.layers):
-            block_idx = i if i in config.cross_attention_layers else None
-            layer.register_forward_pre_hook(partial(_cross_attention_pre_hook, self, block_idx), with_kwargs=True)
+            block_key = str(i) if str(i) in self.cross_attention_layers else None
+            layer.register_forward_pre_hook(partial(_cross_attention_pre_hook, self, block_key), with_kwargs=True)
         self.post_init()
 
     @classmethod
@@ -585,8 +585,7 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         dtype = config.dtype if dtype in (None, "auto") else dtype
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        with torch.device("meta"):
-            meta = cls._from_config(config, dtype=dtype)
+        meta = meta_model(cls, config, dtype=dtype)
         return infer_device_map(meta, max_memory=kwargs.get("max_memory"), dtype=dtype, strategy=kwargs["device_map"])
 
     @property

@@ -33,6 +33,7 @@ from transformers.utils import logging
 
 from .collator_infimm import conversation_images
 from .device_map_infimm import blocks_follow_layers, infer_device_map, place_blocks_with_layers
+from .device_map_infimm import meta_model as _meta_model
 from .hub_infimm import mark_for_remote_code as _mark_for_remote_code
 
 
@@ -316,8 +317,7 @@ def meta_model(config, dtype=None) -> nn.Module:
     """An `InfiMMForConditionalGeneration` with no storage, to plan a device map before loading any weight."""
     from .modeling_infimm import InfiMMForConditionalGeneration
 
-    with torch.device("meta"):
-        return InfiMMForConditionalGeneration._from_config(config, dtype=dtype)
+    return _meta_model(InfiMMForConditionalGeneration, config, dtype=dtype)
 
 
 __all__ = [

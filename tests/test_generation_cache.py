@@ -6,16 +6,17 @@ import threading
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 from transformers import TextIteratorStreamer
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from conftest import REFERENCE_DIR, tiny_model
 
 IMAGE, EOC = 32001, 32000
 
 
-# The language model's cache is `cache` from transformers 5.24 on and `past_key_values` before (argument and field).
-CACHE_NAME = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+# The language model's cache is `cache` from transformers 5.24 on and `past_key_values` before (argument and field);
+# read off the release number, independently of how the model decides.
+CACHE_NAME = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
 
 
 def _prompt_batch():
