@@ -8,9 +8,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-REFERENCE_DIR = SHARED / "reference" / "infimm-zephyr"
-IMAGES_DIR = SHARED / "reference" / "images"
+FIXTURES = REPO / "tests" / "fixtures"
+# The release's own config.json, generation_config.json and preprocessor_config.json (Infi-MM/infimm-zephyr).
+RELEASE_DIR = FIXTURES / "infimm-zephyr"
+# The release's tokenizer files, bundled with the package.
+TOKENIZER_DIR = REPO / "assets" / "infimm-zephyr"
+# Two real images of the release's model card.
+IMAGES_DIR = FIXTURES / "images"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(1)  # tiny models: one thread is fastest and immune to a busy machine

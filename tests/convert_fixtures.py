@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import REFERENCE_DIR
+from conftest import RELEASE_DIR, TOKENIZER_DIR
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
@@ -153,7 +153,7 @@ def copy_tokenizer(folder: Path, *, without_media_tokens: bool = False):
     """The release's real tokenizer; optionally as the bare LLM's (no `<|endofchunk|>` / `<image>`)."""
     folder.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
-        shutil.copy(REFERENCE_DIR / name, folder / name)
+        shutil.copy(TOKENIZER_DIR / name, folder / name)
     if without_media_tokens:
         (folder / "added_tokens.json").unlink()
         tokenizer = json.loads((folder / "tokenizer.json").read_text())
@@ -178,7 +178,7 @@ def write_release(flamingo_state: dict, config, folder: Path, *, shards: int = 1
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(legacy_config(config, dtype), indent=2))
     for name in ("generation_config.json", "preprocessor_config.json"):
-        shutil.copy(REFERENCE_DIR / name, folder / name)
+        shutil.copy(RELEASE_DIR / name, folder / name)
     copy_tokenizer(folder)
     state = {"model." + key: value for key, value in flamingo_state.items()}
     if shards == 1:

@@ -9,7 +9,7 @@ import transformers
 from packaging.version import Version
 from transformers import TextIteratorStreamer
 
-from conftest import REFERENCE_DIR, tiny_model
+from conftest import TOKENIZER_DIR, tiny_model
 
 IMAGE, EOC = 32001, 32000
 
@@ -138,7 +138,7 @@ def test_static_cache_and_streamer_give_default_tokens():
     static = model.generate(**kwargs, cache_implementation="static")
     assert static.tolist() == default.tolist()
 
-    tokenizer = AutoTokenizer.from_pretrained(REFERENCE_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True)
     single = {k: (v[1:] if torch.is_tensor(v) else v) for k, v in kwargs.items()}
     thread = threading.Thread(target=model.generate, kwargs={**single, "streamer": streamer})

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast, TextIteratorStreamer
 
-from conftest import REFERENCE_DIR, tiny_config, tiny_model
+from conftest import RELEASE_DIR, TOKENIZER_DIR, tiny_config, tiny_model
 from helpers_modeling import eva_last_block_tokens, perturb_norms, reference_eva, standalone_lm
 from helpers_modeling import one_torch_thread  # noqa: F401  (autouse fixture)
 
@@ -266,7 +266,7 @@ def test_sampling(net):
 
 
 def test_text_iterator_streamer(net):
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(REFERENCE_DIR)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR)
     assert tokenizer.convert_tokens_to_ids(["<|endofchunk|>", "<image>"]) == [EOC, MEDIA]
     ids = tokenizer("<image>A photo of", return_tensors="pt").input_ids
     assert (ids == MEDIA).sum() == 1
@@ -466,7 +466,7 @@ def test_config_validation_edges():
 
 
 def test_legacy_release_config_gives_the_zephyr_shapes():
-    config = InfiMMConfig.from_pretrained(REFERENCE_DIR)
+    config = InfiMMConfig.from_pretrained(RELEASE_DIR)
     assert config.model_type == "infimm"
     # REFERENCE.md: EVA02-CLIP-L-14-336 tower, 577 tokens per image; Zephyr-7B LM with 32002 tokens.
     assert config.vision_config.architecture == "eva02_large_patch14_clip_336"

@@ -8,6 +8,7 @@ References used here, never the code's own output alone:
 """
 
 import copy
+import hashlib
 import functools
 import http.server
 import io
@@ -21,7 +22,7 @@ from PIL import Image
 from torchvision import transforms as T
 from transformers import AutoTokenizer, CLIPImageProcessorPil, PreTrainedTokenizerFast
 
-from conftest import IMAGES_DIR, REFERENCE_DIR
+from conftest import IMAGES_DIR, TOKENIZER_DIR
 from infimm import InfiMMConfig, InfiMMImageProcessor, InfiMMProcessor
 from infimm.processing_infimm import InfiMMImageProcessorFast
 
@@ -69,7 +70,7 @@ def user_turn(*items):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return AutoTokenizer.from_pretrained(str(REFERENCE_DIR))
+    return AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
 
 
 @pytest.fixture(scope="module")
@@ -120,11 +121,20 @@ def test_release_message_form_is_accepted(processor, logo):
     torch.testing.assert_close(inputs["pixel_values"][0, 0], reference_pixels(logo, 336), atol=1e-6, rtol=0)
 
 
+# SHA-256 of the tokenizer files published in Infi-MM/infimm-zephyr.
+RELEASE_TOKENIZER_SHA256 = {
+    "tokenizer.json": "fe682818dc96d5dad9cb385a82088f2b11b6114c08e1088960c2aa28f95847b1",
+    "tokenizer_config.json": "a1859bae5ae948cd89a85c861a83245e35ac5a456306715b81d639762158c0af",
+    "special_tokens_map.json": "3b2c4ed75abd8d515236f00e92e8dd6c6717d380c5933609e4003a7f14a02204",
+    "added_tokens.json": "d31a886161b174ad69ed7b28f0f4eb10e1e41d2f8a34d85dc9618694d4e11b95",
+}
+
+
 def test_bundled_tokenizer_is_the_release_one(tokenizer):
     from infimm.hub_infimm import ASSETS_DIR, bundled_tokenizer
 
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"):
-        assert (ASSETS_DIR / "infimm-zephyr" / name).read_bytes() == (REFERENCE_DIR / name).read_bytes(), name
+    for name, digest in RELEASE_TOKENIZER_SHA256.items():
+        assert hashlib.sha256((ASSETS_DIR / "infimm-zephyr" / name).read_bytes()).hexdigest() == digest, name
     assert bundled_tokenizer()(RELEASE_PROMPT).input_ids == RELEASE_IDS
 
 

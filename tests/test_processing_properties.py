@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers import AutoTokenizer
 
-from conftest import REFERENCE_DIR
+from conftest import TOKENIZER_DIR
 from infimm import InfiMMImageProcessor, InfiMMProcessor
 from test_processing import reference_pixels
 
@@ -46,7 +46,7 @@ def _dedupe_images(items):
 
 @pytest.fixture(scope="module")
 def processor():
-    tokenizer = AutoTokenizer.from_pretrained(str(REFERENCE_DIR))
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER_DIR))
     return InfiMMProcessor(InfiMMImageProcessor(image_size=SIZE), tokenizer)
 
 
