@@ -10,14 +10,17 @@ One composite config is the single source of shapes:
 - ``text_config``: a real ``MistralConfig`` / ``LlamaConfig``;
 - resampler and cross-attention settings, the two special token ids.
 
-``InfiMMConfig.from_preset(name, **overrides)`` builds the released variants; ``from_pretrained`` also reads the
-legacy ``config.json`` of the original release (``visual`` / ``language`` blocks).
+``InfiMMConfig.from_preset(name, **overrides)`` builds the released variants; ``from_pretrained`` and ``from_dict``
+also read the legacy ``config.json`` of the original release (``visual`` / ``language`` blocks), mapped field by
+field by ``release_infimm.legacy_config_to_dict`` (unknown keys and values the tower cannot express are refused).
 """
 
 import copy
 
 from transformers import AutoConfig, PretrainedConfig
 from transformers.utils import logging
+
+from .release_infimm import is_legacy_config, legacy_config_to_dict
 
 
 logger = logging.get_logger(__name__)
@@ -84,27 +87,6 @@ PRESETS = {
     "infimm-vicuna13b": {"vision_config": _EVA02_E_224, "text_config": _LLAMA2_13B_TEXT, "chat_format": "vicuna"},
 }
 
-# Legacy `visual.eva_model_name` -> timm architecture.
-_LEGACY_EVA_NAMES = {
-    "eva-clip-l-14-336": "eva02_large_patch14_clip_336",
-    "eva02-clip-l-14-336": "eva02_large_patch14_clip_336",
-    "eva-clip-l-14": "eva02_large_patch14_clip_224",
-    "eva02-clip-l-14": "eva02_large_patch14_clip_224",
-    "vit-g-224": "eva_giant_patch14_clip_224",
-    "eva-clip-g-14": "eva_giant_patch14_clip_224",
-    "eva01-clip-g-14": "eva_giant_patch14_clip_224",
-    "vit-e-224": "eva02_enormous_patch14_clip_224",
-    "eva02-clip-bige-14": "eva02_enormous_patch14_clip_224",
-    "eva-clip-4b-14-x": "eva02_enormous_patch14_clip_224",
-}
-
-# Keys of the legacy config that describe training policy or old runtime switches, not the architecture.
-_LEGACY_DROPPED = (
-    "visual", "language", "seq_length", "tokenizer_type", "use_flash_attn", "use_grad_checkpoint", "freeze_llm",
-    "image_token_id", "architectures", "auto_map", "model_type", "_name_or_path", "torch_dtype",
-    "transformers_version",
-)
-
 
 def _merge(base: dict, overrides: dict) -> dict:
     """Recursive dict merge (overrides win), used for preset overrides such as `vision_config={"model_args": ...}`."""
@@ -115,50 +97,6 @@ def _merge(base: dict, overrides: dict) -> dict:
         else:
             merged[key] = copy.deepcopy(value)
     return merged
-
-
-def _is_legacy_config_dict(config_dict: dict) -> bool:
-    return "visual" in config_dict and "language" in config_dict
-
-
-def _legacy_chat_format(language: dict) -> str:
-    """The released chat models follow their LLM's format: Zephyr (Mistral), Vicuna v1.1, Llama-2 chat."""
-    name = str(language.get("_name_or_path", "")).lower()
-    if language.get("model_type") == "mistral" or "zephyr" in name:
-        return "zephyr"
-    return "vicuna" if "vicuna" in name else "llama2"
-
-
-def legacy_config_to_dict(legacy: dict) -> dict:
-    """Maps the release's `config.json` (`visual` / `language` blocks) onto `InfiMMConfig` fields."""
-    visual, language = legacy["visual"], dict(legacy["language"])
-    eva_name = str(visual.get("eva_model_name", "")).lower()
-    if eva_name not in _LEGACY_EVA_NAMES:
-        raise ValueError(
-            f"Unknown legacy `visual.eva_model_name` {visual.get('eva_model_name')!r}; known: "
-            f"{sorted(_LEGACY_EVA_NAMES)}. Write a new-format config with `vision_config.architecture` instead."
-        )
-    width = int(visual["width"])
-    model_args = {
-        "img_size": int(visual["image_size"]),
-        "patch_size": int(visual["patch_size"]),
-        "embed_dim": width,
-        "depth": int(visual["layers"]),
-        "num_heads": width // int(visual.get("head_width", 64)),
-    }
-    for key in ("_name_or_path", "architectures", "torch_dtype", "transformers_version"):
-        language.pop(key, None)
-    new = {key: value for key, value in legacy.items() if key not in _LEGACY_DROPPED}
-    new["chat_format"] = _legacy_chat_format(legacy["language"])
-    new.update(
-        vision_config={"architecture": _LEGACY_EVA_NAMES[eva_name], "model_args": model_args},
-        text_config=language,
-        media_token_id=legacy.get("image_token_id", 32001),
-        eoc_token_id=legacy.get("eoc_token_id", 32000),
-    )
-    if "torch_dtype" in legacy:
-        new["dtype"] = legacy["torch_dtype"]
-    return new
 
 
 class InfiMMConfig(PretrainedConfig):
@@ -317,13 +255,13 @@ class InfiMMConfig(PretrainedConfig):
     @classmethod
     def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
         config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
-        if _is_legacy_config_dict(config_dict):
+        if is_legacy_config(config_dict):
             config_dict = {"model_type": cls.model_type, **legacy_config_to_dict(config_dict)}
         return config_dict, kwargs
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
-        if _is_legacy_config_dict(config_dict):
+        if is_legacy_config(config_dict):
             config_dict = legacy_config_to_dict(config_dict)
         return super().from_dict(config_dict, **kwargs)
 

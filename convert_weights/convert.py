@@ -23,6 +23,8 @@ from transformers.dynamic_module_utils import get_relative_import_files
 
 from infimm import PRESETS, InfiMMConfig, InfiMMForConditionalGeneration
 from infimm.hub_infimm import ASSETS_DIR, AUTO_MAP
+from infimm.processing_infimm import EOC_TOKEN, IMAGE_TOKEN
+from infimm.release_infimm import RELEASE_GENERATION, is_legacy_config
 
 from .errors import ConversionError
 from .formats import CAUSAL_LM, CONNECTOR_PREFIXES, EVA_CLIP, KeyMapping, detect_format, map_keys
@@ -35,10 +37,7 @@ from .writer import check_output, plan_shards, staged_folder, write_shards
 
 logger = logging.getLogger("convert_weights")
 
-EOC_TOKEN, IMAGE_TOKEN = "<|endofchunk|>", "<image>"
 MODEL_CODE = ("configuration_infimm.py", "modeling_infimm.py", "processing_infimm.py")
-# The release's `generation_config.json`.
-RELEASE_GENERATION = {"do_sample": True, "top_p": 0.5, "top_k": 0, "max_new_tokens": 512}
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
@@ -218,7 +217,7 @@ def assemble_input(options: Options) -> tuple[Assembly, dict, list[str]]:
             raise ConversionError("--preset does not apply to a snapshot folder (its config.json says the "
                                   "architecture); use --config to override it.")
         raw = json.loads((path / "config.json").read_text())
-        legacy = "visual" in raw and "language" in raw
+        legacy = is_legacy_config(raw)
         config = load_config(options.config) if options.config else load_config(path)
         checkpoint = open_folder(path)
         kind = "release snapshot" if legacy else "checkpoint"

@@ -5,8 +5,8 @@ is removed; the first matching rule decides. A rule's action is one of:
 
 - a target template (`str.format` over the pattern's named groups);
 - `Drop(reason)`: deliberately not converted, and reported as such;
-- `Alias(template)`: the same tensor stored a second time under another name; it is checked identical to the
-  primary key named by the template and dropped (or used in its place when the primary is absent);
+- `Alias(template, listing)`: the same tensor stored a second time under another name; it is checked identical to
+  the primary key named by the template and dropped (or used in its place when the primary is absent);
 - `Vision()`: the rest of the key is an EVA-CLIP (original or timm naming) key; the vision keys are renamed
   together by timm's own `timm.models.eva.checkpoint_filter_fn`, which recognises the original naming by its
   sentinel keys (`q_bias` / `v_bias`, `mlp.w1` ... `w3`, `ffn_ln`, `inner_attn_ln`) and drops the rope tables.
@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from timm.models.eva import checkpoint_filter_fn
 
+from infimm.release_infimm import RELEASE_KEY_PREFIX, RELEASE_KEY_RULES, ROTARY_TABLE, VISION_HEAD, Alias, Drop, Vision
+
 from .errors import ConversionError
 from .reader import TensorRef
 
@@ -28,29 +30,7 @@ from .reader import TensorRef
 VISION_PREFIX = "model.vision_tower.timm_model."
 CONNECTOR_PREFIXES = ("model.resampler.", "model.cross_attention_layers.")
 
-ROTARY_TABLE = "rotary table (a buffer the model recomputes)"
-VISION_HEAD = "EVA-CLIP projection head (InfiMM feeds the resampler the tower's tokens, not its CLIP embedding)"
 NOT_VISION = "not part of the vision tower (e.g. the CLIP text tower or logit scale)"
-
-
-@dataclass(frozen=True)
-class Drop:
-    reason: str
-
-
-@dataclass(frozen=True)
-class Alias:
-    primary: str
-    listing: str  # the alias list's name, for the report
-    # The release's `gated_cross_attn_layers` list has one slot per decoder layer (None where there is no block), so
-    # its index is the layer index; a list holding the blocks only would be indexed by block order. Which one a
-    # checkpoint uses is read off the indices it holds.
-    block_indexed: bool = False
-
-
-@dataclass(frozen=True)
-class Vision:
-    pass
 
 
 @dataclass(frozen=True)
@@ -70,31 +50,12 @@ def _table(*rows) -> tuple:
 
 
 # The released InfiMM checkpoints and its training checkpoints (DeepSpeed `module`, OpenFlamingo
-# `model_state_dict`): the inner Flamingo module's keys, behind `model.` in the release and sometimes `module.`.
+# `model_state_dict`): the inner Flamingo module's keys. The table is the release's, kept in `release_infimm`.
 FLAMINGO = SourceFormat(
     name="flamingo",
     description="InfiMM release / training layout (`vision_encoder.`, `perceiver.`, `lang_encoder.`)",
-    prefix=re.compile(r"^(?:(?:module|model|_orig_mod)\.)*?(?=(?:vision_encoder|perceiver|lang_encoder)\.)"),
-    rules=_table(
-        (r"^vision_encoder\.head\.(?:weight|bias)$", Drop(VISION_HEAD)),
-        (r"^vision_encoder\.(?P<eva>.+)$", Vision()),
-        (r"^perceiver\.latents$", "model.resampler.latents"),
-        (r"^perceiver\.layers\.(?P<i>\d+)\.0\.(?P<rest>.+)$", "model.resampler.layers.{i}.attn.{rest}"),
-        (r"^perceiver\.layers\.(?P<i>\d+)\.1\.(?P<rest>.+)$", "model.resampler.layers.{i}.ff.{rest}"),
-        (r"^perceiver\.norm\.(?P<rest>.+)$", "model.resampler.norm.{rest}"),
-        (r"^lang_encoder\..*\.rotary_emb\.inv_freq$", Drop(ROTARY_TABLE)),
-        (r"^lang_encoder\.model\.layers\.(?P<i>\d+)\.decoder_layer\.(?P<rest>.+)$",
-         "model.language_model.model.layers.{i}.{rest}"),
-        (r"^lang_encoder\.model\.layers\.(?P<i>\d+)\.gated_cross_attn_layer\.(?P<rest>.+)$",
-         "model.cross_attention_layers.{i}.{rest}"),
-        (r"^lang_encoder\.model\.(?P<rest>(?:embed_tokens|norm)\..+)$", "model.language_model.model.{rest}"),
-        (r"^lang_encoder\.lm_head\.(?P<rest>.+)$", "model.language_model.lm_head.{rest}"),
-        (r"^lang_encoder\.old_decoder_blocks\.(?P<i>\d+)\.(?P<rest>.+)$",
-         Alias("lang_encoder.model.layers.{i}.decoder_layer.{rest}", "lang_encoder.old_decoder_blocks")),
-        (r"^lang_encoder\.gated_cross_attn_layers\.(?P<i>\d+)\.(?P<rest>.+)$",
-         Alias("lang_encoder.model.layers.{i}.gated_cross_attn_layer.{rest}", "lang_encoder.gated_cross_attn_layers",
-               block_indexed=True)),
-    ),
+    prefix=re.compile(RELEASE_KEY_PREFIX),
+    rules=_table(*RELEASE_KEY_RULES),
 )
 
 # This package's own layout (a state dict of `InfiMMForConditionalGeneration`, e.g. from `torch.save`).

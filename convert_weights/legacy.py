@@ -10,13 +10,11 @@ from pathlib import Path
 
 from huggingface_hub.errors import EntryNotFoundError
 
+from infimm.release_infimm import HUB_KWARGS, RELEASE_FILE_PATTERNS, is_legacy_config
+
 from .convert import check_fit, expected_state
 from .formats import FLAMINGO, map_keys
 from .reader import open_folder
-
-
-# `from_pretrained` keyword arguments that locate files rather than configure the model.
-HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
 def _snapshot(name_or_path, hub_kwargs: dict) -> Path:
@@ -27,7 +25,7 @@ def _snapshot(name_or_path, hub_kwargs: dict) -> Path:
     if not path.is_dir():
         from huggingface_hub import snapshot_download
 
-        patterns = [f"{subfolder}/{p}" if subfolder else p for p in ("*.json", "*.bin", "*.safetensors", "*.model")]
+        patterns = [f"{subfolder}/{p}" if subfolder else p for p in RELEASE_FILE_PATTERNS]
         path = Path(snapshot_download(str(name_or_path), allow_patterns=patterns, **hub_kwargs))
     return path / subfolder
 
@@ -50,7 +48,7 @@ def is_legacy_checkpoint(name_or_path, **hub_kwargs) -> bool:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError, EntryNotFoundError):  # no such folder or repo, no config, unreadable config
         return False
-    return isinstance(config, dict) and "visual" in config and "language" in config
+    return is_legacy_config(config)
 
 
 def legacy_state_dict(folder: Path, config) -> dict:

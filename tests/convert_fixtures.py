@@ -107,9 +107,10 @@ def trainable_state_dict(model) -> dict:
             if key.startswith("perceiver.") or ".gated_cross_attn_layer." in key}
 
 
-def legacy_config(config, dtype: str = "float32") -> dict:
+def legacy_config(config, dtype: str = "float32", visual: dict | None = None) -> dict:
     """A release-style config.json: `visual` / `language` blocks; the connector sizes of a tiny model (the release
-    hard-codes its own) ride along as top-level fields."""
+    hard-codes its own) ride along as top-level fields. The `visual` switches are EVA02-CLIP-L's (the release's);
+    `visual` replaces any of its fields, for a model built with matching `model_args`."""
     args = config.vision_config.model_args
     language = config.text_config.to_dict()
     for key in ("dtype", "transformers_version", "architectures"):
@@ -143,7 +144,7 @@ def legacy_config(config, dtype: str = "float32") -> dict:
             "head_width": args["embed_dim"] // args["num_heads"], "patch_size": args["patch_size"],
             "mlp_ratio": 2.6667, "eva_model_name": "eva-clip-l-14-336", "drop_path_rate": 0.0, "xattn": False,
             "fusedLN": True, "rope": True, "pt_hw_seq_len": 16, "intp_freq": True, "naiveswiglu": True,
-            "subln": True, "embed_dim": 24,
+            "subln": True, "embed_dim": 24, **(visual or {}),
         },
         "language": language,
     }
@@ -168,15 +169,16 @@ def copy_tokenizer(folder: Path, *, without_media_tokens: bool = False):
         (folder / "special_tokens_map.json").write_text(json.dumps(special))
 
 
-def write_release_snapshot(model, folder: Path, *, shards: int = 1) -> Path:
-    return write_release(flamingo_state_dict(model), model.config, folder, shards=shards)
+def write_release_snapshot(model, folder: Path, *, shards: int = 1, visual: dict | None = None) -> Path:
+    return write_release(flamingo_state_dict(model), model.config, folder, shards=shards, visual=visual)
 
 
-def write_release(flamingo_state: dict, config, folder: Path, *, shards: int = 1, dtype: str = "float32") -> Path:
-    """A local snapshot of a released repo: legacy config, `pytorch_model.bin` (or shards + index) with `model.`
-    keys, tokenizer, generation and preprocessor configs."""
+def write_release(flamingo_state: dict, config, folder: Path, *, shards: int = 1, dtype: str = "float32",
+                  visual: dict | None = None) -> Path:
+    """A local snapshot of a released repo: legacy config (`visual` overrides its vision fields), `pytorch_model.bin`
+    (or shards + index) with `model.` keys, tokenizer, generation and preprocessor configs."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(legacy_config(config, dtype), indent=2))
+    (folder / "config.json").write_text(json.dumps(legacy_config(config, dtype, visual), indent=2))
     for name in ("generation_config.json", "preprocessor_config.json"):
         shutil.copy(RELEASE_DIR / name, folder / name)
     copy_tokenizer(folder)

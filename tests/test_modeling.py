@@ -486,14 +486,21 @@ def test_legacy_release_config_gives_the_zephyr_shapes():
     assert (config.resampler_depth, config.resampler_num_latents, config.resampler_heads,
             config.resampler_head_dim, config.resampler_ff_mult) == (6, 64, 8, 64, 4)
     assert (config.cross_attn_heads, config.cross_attn_head_dim, config.cross_attn_ff_mult) == (8, 64, 4)
-    # ... i.e. the preset, field for field (training switches of the old file are not carried over).
+    # ... i.e. the preset, field for field (training switches of the old file are not carried over). The release's
+    # `visual` switches ride along explicitly (EVA02-L: 2-D rope on a 16x16 reference grid, SwiGLU with subln, separate
+    # q/k/v with q and v biases); tests/test_release_config.py checks the tower equals timm's architecture.
     preset = InfiMMConfig.from_preset("infimm-zephyr")
-    assert config.vision_config.model_args == preset.vision_config.model_args
+    assert {key: args[key] for key in preset.vision_config.model_args} == preset.vision_config.model_args
+    assert (args["use_rot_pos_emb"], list(args["ref_feat_shape"]), args["swiglu_mlp"], args["scale_mlp"],
+            args["scale_attn_inner"], args["qkv_fused"], args["qkv_bias"], args["use_post_norm"]) == (
+        True, [16, 16], True, True, True, False, True, False
+    )
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "sliding_window",
                 "bos_token_id", "eos_token_id", "pad_token_id", "tie_word_embeddings"):
         assert getattr(config.text_config, key) == getattr(preset.text_config, key), key
-    for key in ("freeze_llm", "use_grad_checkpoint", "visual", "language"):
+    for key in ("freeze_llm", "use_grad_checkpoint", "visual", "language", "seq_length", "use_flash_attn",
+                "tokenizer_type", "image_token_id"):
         assert not hasattr(config, key), key
 
 
