@@ -17,22 +17,41 @@ their decoder layers, so the language model stays an unmodified library class; t
 `forward` keyword arguments and nothing is kept on a module between calls.
 """
 
+import inspect
+import math
 from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache
+from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import eager_attention_forward
 from transformers.utils import can_return_tuple, is_accelerate_available, logging
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_infimm import InfiMMConfig
 from .device_map_infimm import infer_device_map, meta_model
+from .image_state_infimm import (
+    ImageInputs,
+    InfiMMImageState,
+    as_image_batch,
+    expand_rows,
+    fingerprints,
+    fold_rows,
+    image_state,
+    images_per_row,
+    real_image_slots,
+    rows_per_image_row,
+    set_image_state,
+    token_slots,
+    unfold_rows,
+)
 
 
 logger = logging.get_logger(__name__)
@@ -48,27 +67,15 @@ _IMAGE_INPUTS_KWARG = "infimm_image_inputs"
 
 
 # ------------------------------------------------------------------------------------------------------- outputs
-class InfiMMImageCache:
-    """Per-`generate()` image state, computed once at prefill and reused by every decode step.
-
-    During decoding every new token attends only to the last image of its sample (REFERENCE: "While generating
-    with a cache, every new token counts as following the last image of the prompt"), so each block keeps only
-    that image's keys/values: `key_values[layer_idx] = (k, v)`, each `(batch, heads, num_latents, head_dim)`.
-    `has_media` is the per-sample flag. Beams of one sample share its images, so the cache is never reordered.
-    """
-
-    def __init__(self, has_media: torch.Tensor):
-        self.has_media = has_media
-        self.key_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __len__(self):
-        return len(self.key_values)
-
-
 # transformers 5.24 renamed the language model's cache from `past_key_values` to `cache`, as an argument and as an
 # output field. The outputs below inherit the installed version's field and `forward` accepts either name, so the
 # same file serves the whole supported range.
 _CACHE = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+# Set by `_update_model_kwargs_for_generation` for the steps after a `generate()` prefill: their tokens are
+# generated text, which follows the prompt's last image (REFERENCE: "While generating with a cache, every new token
+# counts as following the last image of the prompt"), so the step needs no image bookkeeping and no device sync.
+_DECODING_KWARG = "infimm_decoding"
 
 
 def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
@@ -77,37 +84,26 @@ def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | No
     return cache if cache is not None else past_key_values
 
 
+def _accepts_old_cache_name(forward):
+    """On releases that call the cache `cache`, `past_key_values=` still works but warns, as library models do."""
+    if _CACHE != "cache":
+        return forward
+    return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache", raise_if_both_names=True)(forward)
+
+
 @dataclass
 class InfiMMModelOutputWithPast(BaseModelOutputWithPast):
-    """The language model's output, plus the resampled images and `image_cache` to carry between generation steps."""
+    """The language model's output, plus the resampled new images `(image rows, images, latents, vision_dim)` and,
+    when asked for hidden states, the vision tower's (`image_outputs`). The cache carries the image state."""
 
     image_hidden_states: torch.FloatTensor | None = None
-    image_cache: InfiMMImageCache | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
 class InfiMMCausalLMOutputWithPast(CausalLMOutputWithPast):
     image_hidden_states: torch.FloatTensor | None = None
-    image_cache: InfiMMImageCache | None = None
-
-
-@dataclass
-class _ImageInputs:
-    """What the cross-attention blocks need for one forward call (built once, shared by every block).
-
-    Prefill (`latents` set): `latents` `(batch, images * latents, vision_dim)`, `mask` `(batch, 1, tokens,
-    images * latents)` selecting each token's own image, `no_media` `(batch, tokens)` for tokens before the first
-    image, `last_image` `(batch,)` index of each sample's last image (to fill `cache`).
-    Decode (`latents` is None): the blocks read their keys/values from `cache`.
-    """
-
-    has_media: torch.Tensor
-    num_latents: int = 0
-    latents: torch.Tensor | None = None
-    mask: torch.Tensor | None = None
-    no_media: torch.Tensor | None = None
-    last_image: torch.Tensor | None = None
-    cache: InfiMMImageCache | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
 
 
 # ------------------------------------------------------------------------------------------------------ modules
@@ -123,18 +119,47 @@ def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, -1)).transpose(1, 2)
 
 
-def _merge_heads(x: torch.Tensor) -> torch.Tensor:
-    """(batch, heads, seq, head_dim) -> (batch, seq, heads * head_dim)"""
-    return x.transpose(1, 2).flatten(2)
+def _attention(module: nn.Module, query, key, value, mask=None) -> torch.Tensor:
+    """`query` `(b, heads, q, d)`, `key` / `value` `(b, heads, k, d)`, boolean `mask` `(b, 1, q, k)` or None ->
+    `(b, q, heads, d)`.
+
+    Through transformers' attention interface, so `attn_implementation=` and `set_attn_implementation` reach the
+    connector as they reach the language model. A per-token image mask is boolean for SDPA (and functions registered
+    in the interface, which receive SDPA-style masks), additive for eager; flash / flex / paged kernels cannot
+    express it, so masked calls (a prefill with several images) run on SDPA there.
+    """
+    implementation = module.config._attn_implementation or "sdpa"
+    if implementation == "eager":
+        if mask is not None:
+            mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(
+                ~mask, torch.finfo(query.dtype).min
+            )
+        return eager_attention_forward(module, query, key, value, mask, scaling=module.scaling)[0]
+    if mask is not None and implementation.startswith(("flash", "flex", "paged", "kernels-")):
+        implementation = "sdpa"
+    attention_function = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    return attention_function(module, query, key, value, mask, scaling=module.scaling, dropout=0.0)[0]
 
 
-class InfiMMPerceiverAttention(nn.Module):
+class _AttentionModule(nn.Module):
+    """What transformers' attention functions read off their module: config, scaling, kv groups, causality."""
+
+    is_causal = False  # cross-attention and the resampler see every key (SDPA would otherwise truncate the keys)
+    num_key_value_groups = 1
+
+    def __init__(self, config: InfiMMConfig, heads: int, head_dim: int):
+        super().__init__()
+        self.config = config
+        self.heads = heads
+        self.scaling = head_dim**-0.5
+
+
+class InfiMMPerceiverAttention(_AttentionModule):
     """Latents attend to concat(image features, latents); media and latents are normalised separately."""
 
     def __init__(self, config: InfiMMConfig):
-        super().__init__()
+        super().__init__(config, config.resampler_heads, config.resampler_head_dim)
         dim, inner = config.vision_hidden_size, config.resampler_heads * config.resampler_head_dim
-        self.heads = config.resampler_heads
         self.norm_media = nn.LayerNorm(dim)
         self.norm_latents = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
@@ -146,8 +171,8 @@ class InfiMMPerceiverAttention(nn.Module):
         media, latents = self.norm_media(media), self.norm_latents(latents)
         q = _split_heads(self.to_q(latents), self.heads)
         k, v = self.to_kv(torch.cat([media, latents], dim=1)).chunk(2, dim=-1)
-        out = F.scaled_dot_product_attention(q, _split_heads(k, self.heads), _split_heads(v, self.heads))
-        return self.to_out(_merge_heads(out))
+        out = _attention(self, q, _split_heads(k, self.heads), _split_heads(v, self.heads))
+        return self.to_out(out.flatten(2))
 
 
 class InfiMMPerceiverLayer(nn.Module):
@@ -178,28 +203,30 @@ class InfiMMPerceiverResampler(nn.Module):
         return self.norm(latents)
 
 
-class InfiMMCrossAttention(nn.Module):
+class InfiMMCrossAttention(_AttentionModule):
     """Text queries, image-latent keys/values; masked so each token sees only its own image."""
 
     def __init__(self, config: InfiMMConfig):
-        super().__init__()
+        super().__init__(config, config.cross_attn_heads, config.cross_attn_head_dim)
         text_dim = config.text_config.hidden_size
         inner = config.cross_attn_heads * config.cross_attn_head_dim
-        self.heads = config.cross_attn_heads
         self.norm = nn.LayerNorm(text_dim)
         self.to_q = nn.Linear(text_dim, inner, bias=False)
         self.to_kv = nn.Linear(config.vision_hidden_size, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, text_dim, bias=False)
 
     def key_values(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(batch, n, vision_dim) -> k, v each (batch, heads, n, head_dim)"""
-        k, v = self.to_kv(latents.to(self.to_kv.weight.dtype)).chunk(2, dim=-1)
+        """(rows, n, vision_dim) -> k, v each (rows, heads, n, head_dim)"""
+        # The text-side compute dtype (this block's norm stays float): a quantized `to_kv.weight` holds int8 / uint8.
+        k, v = self.to_kv(latents.to(self.norm.weight.dtype)).chunk(2, dim=-1)
         return _split_heads(k, self.heads), _split_heads(v, self.heads)
 
     def forward(self, hidden_states, key, value, mask=None, no_media=None):
+        """`hidden_states` `(text rows, T, text_dim)`; `key` / `value` `(image rows, heads, keys, head_dim)`, the
+        image rows dividing the text rows (each shared by a group of consecutive text rows)."""
         q = _split_heads(self.to_q(self.norm(hidden_states)), self.heads)
-        out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask)
-        out = _merge_heads(out)
+        q, mask = fold_rows(q, mask, key.shape[0])
+        out = unfold_rows(_attention(self, q, key, value, mask), hidden_states.shape[0]).flatten(2)
         if no_media is not None:
             # Tokens before the first image: their mask row was opened to avoid NaNs; their output is zero.
             out = out.masked_fill(no_media.unsqueeze(-1), 0.0)
@@ -217,31 +244,39 @@ class InfiMMGatedCrossAttentionBlock(GradientCheckpointingLayer):
         self.ff = _feed_forward(config.text_config.hidden_size, config.cross_attn_ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, hidden_states: torch.Tensor, image_inputs: _ImageInputs) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, image_inputs: ImageInputs) -> torch.Tensor:
         # `.to(device)` calls are no-ops on one device; with a device map they follow this block's layer.
         device = hidden_states.device
-        if image_inputs.latents is not None:
-            key, value = self.attn.key_values(image_inputs.latents.to(device))
-            if image_inputs.cache is not None:
-                self._cache_last_image(key, value, image_inputs)
-            attn = self.attn(
-                hidden_states, key, value, image_inputs.mask.to(device), image_inputs.no_media.to(device)
-            )
-        else:
-            key, value = image_inputs.cache.key_values[self.layer_idx]
-            attn = self.attn(hidden_states, key, value)
+        key, value = self.image_key_values(image_inputs, device)
+        mask = None if image_inputs.mask is None else image_inputs.mask.to(device)
+        no_media = None if image_inputs.no_media is None else image_inputs.no_media.to(device)
+        attn = self.attn(hidden_states, key, value, mask, no_media)
         flag = image_inputs.has_media.to(device=device, dtype=hidden_states.dtype).view(-1, 1, 1)
         hidden_states = hidden_states + flag * self.attn_gate.tanh() * attn
         return hidden_states + flag * self.ff_gate.tanh() * self.ff(hidden_states)
 
-    def _cache_last_image(self, key, value, image_inputs: _ImageInputs):
-        rows = torch.arange(key.shape[0], device=key.device)
-        last = image_inputs.last_image.to(key.device)
-        num_images = image_inputs.mask.shape[-1] // image_inputs.num_latents
-        # (batch, heads, images * latents, d) -> (batch, heads, images, latents, d) -> each sample's last image
-        key = key.unflatten(2, (num_images, -1))[rows, :, last]
-        value = value.unflatten(2, (num_images, -1))[rows, :, last]
-        image_inputs.cache.key_values[self.layer_idx] = (key, value)
+    def image_key_values(self, image_inputs: ImageInputs, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """This block's keys/values, `(image rows, heads, slots * latents, head_dim)`: the cached last image of a
+        prefix (if any) then this call's new images; records each row's last image in `image_inputs.store`."""
+        keys, values = [], []
+        if image_inputs.cached is not None:
+            key, value = image_inputs.cached.key_values[self.layer_idx]
+            keys.append(expand_rows(key.to(device), image_inputs.rows))
+            values.append(expand_rows(value.to(device), image_inputs.rows))
+        if image_inputs.latents is not None:
+            key, value = self.attn.key_values(image_inputs.latents.to(device))
+            keys.append(key)
+            values.append(value)
+        key, value = (keys[0], values[0]) if len(keys) == 1 else (torch.cat(keys, 2), torch.cat(values, 2))
+        if image_inputs.store is not None:
+            rows = torch.arange(key.shape[0], device=device)
+            last = image_inputs.last_slot.to(device)
+            # (rows, heads, slots * latents, d) -> (rows, heads, slots, latents, d) -> each row's last image
+            image_inputs.store.key_values[self.layer_idx] = (
+                key.unflatten(2, (-1, image_inputs.num_latents))[rows, :, last],
+                value.unflatten(2, (-1, image_inputs.num_latents))[rows, :, last],
+            )
+        return key, value
 
 
 def _cross_attention_pre_hook(model, block_key, module, args, kwargs):
@@ -262,73 +297,6 @@ def _cross_attention_pre_hook(model, block_key, module, args, kwargs):
     return args, kwargs
 
 
-# ---------------------------------------------------------------------------------------------- image inputs
-def _as_image_batch(pixel_values: torch.Tensor) -> torch.Tensor:
-    """Accepts (batch, images, 3, H, W), the release's (batch, images, 1, 3, H, W) and (batch, 3, H, W)."""
-    if pixel_values.ndim == 6 and pixel_values.shape[2] == 1:
-        return pixel_values.squeeze(2)
-    if pixel_values.ndim == 4:
-        return pixel_values.unsqueeze(1)
-    if pixel_values.ndim != 5:
-        raise ValueError(
-            "`pixel_values` must be (batch, images, 3, height, width) (or the release's (batch, images, 1, 3, "
-            f"height, width)); got shape {tuple(pixel_values.shape)}."
-        )
-    return pixel_values
-
-
-def _real_image_slots(pixel_values, image_mask, num_image_tokens) -> torch.Tensor:
-    """(batch, slots) bool: which image slots hold a real image; checks them against the `<image>` tokens.
-
-    Without `image_mask`, sample b's first `num_image_tokens[b]` slots are its images and any further slot must be
-    all-zero batch padding.
-    """
-    batch, slots = pixel_values.shape[:2]
-    if image_mask is not None:
-        if tuple(image_mask.shape) != (batch, slots):
-            raise ValueError(
-                f"`image_mask` must have shape (batch, images) = {(batch, slots)}; got {tuple(image_mask.shape)}."
-            )
-        real = image_mask.to(device=pixel_values.device, dtype=torch.bool)
-        num_images = real.sum(1)
-    else:
-        real = torch.arange(slots, device=pixel_values.device)[None] < num_image_tokens[:, None].to(pixel_values.device)
-        unannounced = pixel_values.flatten(2).ne(0).any(-1) & ~real
-        num_images = real.sum(1) + unannounced.sum(1)
-    num_image_tokens = num_image_tokens.to(num_images.device)
-    if (num_images != num_image_tokens).any():
-        b = int((num_images != num_image_tokens).nonzero()[0, 0])
-        raise ValueError(
-            f"Sample {b} has {int(num_image_tokens[b])} `<image>` tokens but {int(num_images[b])} images "
-            f"(pixel_values has {slots} image slots per sample). Put exactly one `<image>` token in the text for "
-            "each image, or pass `image_mask` to mark which slots are padding."
-        )
-    return real
-
-
-def _rows_per_image_row(text_rows: int, image_rows: int) -> int:
-    """How many consecutive text rows share one row of `pixel_values` (1, or the beam / sequence count)."""
-    if image_rows == 0 or text_rows % image_rows:
-        raise ValueError(
-            f"`pixel_values` has {image_rows} rows but `input_ids` has {text_rows}; give one row of images per "
-            "sample (generate() keeps one row per prompt and shares it across beams and returned sequences)."
-        )
-    return text_rows // image_rows
-
-
-def _token_image_mask(media_index: torch.Tensor, num_images: int, num_latents: int):
-    """Cross-attention mask from each token's image number (0 = before any image; k = k-th image).
-
-    Returns `mask` (batch, 1, tokens, images * latents), True where a token may attend, and `no_media`
-    (batch, tokens). Rows of tokens without an image are fully opened (an all-False row makes SDPA return NaN);
-    their output is zeroed afterwards.
-    """
-    image_of_latent = torch.arange(1, num_images + 1, device=media_index.device).repeat_interleave(num_latents)
-    no_media = media_index == 0
-    mask = (media_index.unsqueeze(-1) == image_of_latent) | no_media.unsqueeze(-1)
-    return mask.unsqueeze(1), no_media
-
-
 # ----------------------------------------------------------------------------------------------------- models
 class InfiMMPreTrainedModel(PreTrainedModel):
     config_class = InfiMMConfig
@@ -338,6 +306,17 @@ class InfiMMPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["InfiMMGatedCrossAttentionBlock", "InfiMMPerceiverResampler"]
+    # Kept in the float dtype by quantized loading (`from_pretrained(quantization_config=...)`) unless the config
+    # names its own skip list (`llm_int8_skip_modules` / `modules_to_not_convert`), which then replaces this one.
+    # The vision tower and the resampler run once per image and their output feeds every cross-attention block, so
+    # their rounding error would reach every token after an image; `lm_head` writes the logits. Without a list
+    # transformers skips only the output embeddings and the last registered Linear (here the last block's `ff.3`),
+    # so the result would hang on module order. Module names as transformers matches them against module and
+    # parameter names (a prefix ending at a module boundary), with and without `model.` for both model classes.
+    _modules_to_not_quantize = [
+        "model.vision_tower", "vision_tower", "model.resampler", "resampler",
+        "model.language_model.lm_head", "language_model.lm_head",
+    ]
     _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -416,77 +395,228 @@ class InfiMMModel(InfiMMPreTrainedModel):
     def set_input_embeddings(self, value):
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """(images, 3, H, W) -> resampled latents (images, num_latents, vision_dim).
+    def _encode_images(self, images: torch.Tensor, output_hidden_states: bool = False):
+        """`(n, 3, H, W)` -> tower features `(n, tokens, vision_dim)`, resampled latents `(n, latents, vision_dim)` and,
+        if asked, every tower block's output.
 
-        The tower's features are the last block's output before its final norm, CLS token first (REFERENCE:
-        "Vision features"). The tower runs without autograd unless one of its parameters is trainable.
+        The features are the last block's output before the tower's final norm, CLS token first (REFERENCE:
+        "Vision features"); the final norm and head are unused by design (they stay in the checkpoint, which is
+        timm's own layout). The tower runs without autograd unless one of its parameters is trainable.
         """
-        last_block = len(self.vision_tower.timm_model.blocks) - 1
+        depth = len(self.vision_tower.timm_model.blocks)
         track = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
         with torch.set_grad_enabled(track):
             # Through the wrapper's own call (so device-map / offload hooks run): timm's `forward_intermediates`.
-            patches, prefix = self.vision_tower(
-                pixel_values, output_hidden_states=[last_block], do_pooling=False, return_dict=True,
-                norm=False, output_fmt="NLC", return_prefix_tokens=True,
-            ).hidden_states[0]
-            features = torch.cat([prefix, patches], dim=1)
-        return self.resampler(features.to(self.resampler.latents.dtype))
+            blocks = self.vision_tower(
+                images, output_hidden_states=list(range(depth)) if output_hidden_states else [depth - 1],
+                do_pooling=False, return_dict=True, norm=False, output_fmt="NLC", return_prefix_tokens=True,
+            ).hidden_states
+            blocks = tuple(torch.cat([prefix, patches], dim=1) for patches, prefix in blocks)
+        features = blocks[-1]
+        latents = self.resampler(features.to(self.resampler.latents.dtype))
+        return features, latents, blocks if output_hidden_states else None
 
-    def _image_inputs(self, input_ids, pixel_values, image_mask, image_cache, continuing, use_cache):
-        """Builds the per-call `_ImageInputs` (None when no sample has an image) and the resampled images."""
-        if continuing and image_cache is not None:
-            # Decode step: no device sync, no work that grows with the number of images.
-            return _ImageInputs(has_media=image_cache.has_media, cache=image_cache), None
-        if input_ids is None:
-            if pixel_values is not None:
-                raise ValueError("`pixel_values` need `input_ids`: the `<image>` tokens say where each image goes.")
-            return None, None
-        is_media = input_ids == self.config.media_token_id
-        num_image_tokens = is_media.sum(1)
-        if pixel_values is None:
-            if not continuing and bool(num_image_tokens.any()):
-                raise ValueError(
-                    f"`input_ids` hold {int(num_image_tokens.sum())} `<image>` tokens but no `pixel_values` were given."
-                )
-            return None, None
-        pixel_values = _as_image_batch(pixel_values)
-        repeat = _rows_per_image_row(input_ids.shape[0], pixel_values.shape[0])
-        if not continuing:
-            per_row_tokens = num_image_tokens[::repeat]
-            if repeat > 1 and (num_image_tokens.view(-1, repeat) != per_row_tokens[:, None]).any():
-                raise ValueError("Text rows sharing one row of `pixel_values` must hold the same number of images.")
-            real = _real_image_slots(pixel_values, image_mask, per_row_tokens)
-            media_index = is_media.cumsum(1)
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor,
+        image_mask: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        """The vision tower's features and the resampled latents that the cross-attention blocks attend to.
+
+        `pixel_values` `(images, 3, H, W)`: `last_hidden_state` `(images, tokens, vision_dim)` (the last block before
+        the final norm, CLS first) and `pooler_output` `(images, latents, vision_dim)`. The model's own
+        `(batch, images, 3, H, W)` (with `image_mask`, or all-zero padding slots): per sample, `last_hidden_state`
+        `(batch, images * tokens, vision_dim)` with zeros for padding slots and `pooler_output` a tuple holding each
+        sample's `(its images * latents, vision_dim)`. `hidden_states` holds every tower block's output when asked.
+        The tower exposes no attention maps (timm), so `attentions` is None.
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        per_sample = pixel_values.ndim != 4
+        if per_sample:
+            pixel_values = as_image_batch(pixel_values, self.config.image_size)
+            real, _ = real_image_slots(pixel_values, image_mask)
+            images = pixel_values[real]
         else:
-            # Continuing a cached sequence without an image cache: every new token follows the last image.
-            real = image_mask.bool() if image_mask is not None else pixel_values.flatten(2).ne(0).any(-1)
-            media_index = real.sum(1).repeat_interleave(repeat)[:, None].expand_as(input_ids)
-        num_images = real.sum(1).to(input_ids.device).repeat_interleave(repeat)
-        has_media = num_images > 0
-        if not bool(has_media.any()):
-            return None, None
+            images = as_image_batch(pixel_values, self.config.image_size).squeeze(1)
+        features, latents, hidden_states = self._encode_images(images, output_hidden_states)
+        if per_sample:
+            rows = real.shape[0]
+            packed = features.new_zeros(rows, real.shape[1], *features.shape[1:])
+            packed[real] = features
+            features = packed.flatten(1, 2)
+            counts = real.sum(1).tolist()
+            latents = tuple(chunk.flatten(0, 1) for chunk in latents.split(counts))
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=features, pooler_output=latents, hidden_states=hidden_states
+        )
+        return output if return_dict else output.to_tuple()
 
-        # Encode real images only, once per row of `pixel_values`: batch padding never reaches the tower, and
-        # beams / returned sequences of one prompt share its encoding.
-        latents = self.get_image_features(pixel_values[real])
-        max_images, num_latents = int(num_images.max()), latents.shape[1]
-        packed = latents.new_zeros(pixel_values.shape[0], max_images, num_latents, latents.shape[-1])
-        rows, _ = real.nonzero(as_tuple=True)
-        packed[rows, (real.cumsum(1) - 1)[real]] = latents
-        packed = packed.repeat_interleave(repeat, dim=0) if repeat > 1 else packed
-        mask, no_media = _token_image_mask(media_index.clamp(max=max_images), max_images, num_latents)
-        image_inputs = _ImageInputs(
-            has_media=has_media,
+    def _image_media(self, input_ids, inputs_embeds) -> torch.Tensor | None:
+        """`(rows, tokens)` bool: where the `<image>` tokens are, from `input_ids` or, without them, from the
+        embeddings (rows equal to the `<image>` embedding), as transformers' own VLMs do."""
+        if input_ids is not None:
+            return input_ids == self.config.media_token_id
+        if inputs_embeds is None:
+            return None
+        media = self.get_input_embeddings()(
+            torch.tensor(self.config.media_token_id, device=inputs_embeds.device)
+        ).to(inputs_embeds.dtype)
+        return (inputs_embeds == media).all(-1)
+
+    def _image_inputs(self, is_media, pixel_values, image_mask, attention_mask, prefix, continuing, keep_state,
+                      output_hidden_states=False):
+        """Builds this call's `ImageInputs` (None when no row has an image), the image state the cache keeps after the
+        call, and the vision outputs of the images encoded here.
+
+        `prefix` is the image state of the cached tokens when `continuing` (None: the cached tokens hold no image).
+        The images of `pixel_values` that a cached prefix already holds are checked (count and fingerprints) and not
+        encoded again; `pixel_values` may also hold only the new images.
+        """
+        text_rows, new_tokens = is_media.shape[0], is_media.sum(1)
+        prefix = prefix if continuing else None
+        cached_rows = prefix.rows if prefix is not None else text_rows
+        cached = (
+            expand_rows(prefix.num_images.to(is_media.device), text_rows)
+            if prefix is not None else new_tokens.new_zeros(text_rows)
+        )
+        if prefix is not None:
+            rows_per_image_row(text_rows, cached_rows, "The cache's image state")
+        image_outputs = latents = new_real = None
+        if pixel_values is None:
+            if bool(new_tokens.any()):
+                raise ValueError(
+                    f"The input holds {int(new_tokens.sum())} `<image>` tokens but no `pixel_values` were given. Pass "
+                    "the images (the processor returns `pixel_values`), or remove the `<image>` tokens from the text."
+                )
+        else:
+            pixel_values = as_image_batch(pixel_values, self.config.image_size)
+            group = rows_per_image_row(text_rows, pixel_values.shape[0])
+            tokens = images_per_row(new_tokens, group)
+            real, count = real_image_slots(pixel_values, image_mask)
+            skip = self._cached_images_in(pixel_values, real, count, cached[::group], tokens, prefix, text_rows)
+            new_real = real & (real.cumsum(1) > skip[:, None])
+            new_count = new_real.sum(1)
+            if bool(new_real.any()):
+                # Encode new real images only, once per image row: batch padding and a cached prefix's images never
+                # reach the tower, and beams / returned sequences of one prompt share their encoding.
+                features, encoded, blocks = self._encode_images(pixel_values[new_real], output_hidden_states)
+                image_outputs = BaseModelOutputWithPooling(
+                    last_hidden_state=features, pooler_output=encoded, hidden_states=blocks
+                )
+                latents = encoded.new_zeros(pixel_values.shape[0], int(new_count.max()), *encoded.shape[1:])
+                latents[new_real.nonzero(as_tuple=True)[0], (new_real.cumsum(1) - 1)[new_real]] = encoded
+        if continuing and latents is not None:
+            self._check_prefix_flag(cached, new_tokens, attention_mask, is_media.shape[1])
+
+        cached_slot = prefix is not None and prefix.any_media
+        if latents is None and not cached_slot:
+            state = InfiMMImageState(cached.new_zeros(cached_rows), torch.zeros(cached_rows, 0, 2)) if keep_state else None
+            return None, (prefix if prefix is not None else state), None
+
+        # Image rows of this call's keys: the cached rows, the new images' rows, or both when one expands the other
+        # (a prefix cached once, continued by a batch of queries).
+        rows = math.lcm(cached_rows if cached_slot else 1, latents.shape[0] if latents is not None else 1)
+        rows_per_image_row(text_rows, rows)
+        num_latents = self.config.resampler_num_latents
+        mask, no_media = token_slots(
+            is_media, cached, cached_slot, latents.shape[1] if latents is not None else 0, num_latents
+        )
+        image_inputs = ImageInputs(
+            has_media=(cached + new_tokens) > 0,
+            rows=rows,
             num_latents=num_latents,
-            latents=packed.flatten(1, 2),
+            latents=None if latents is None else expand_rows(latents, rows).flatten(1, 2),
+            cached=prefix if cached_slot else None,
             mask=mask,
             no_media=no_media,
-            last_image=(num_images - 1).clamp(min=0),
-            cache=InfiMMImageCache(has_media) if use_cache else None,
         )
-        return image_inputs, packed
+        state = prefix
+        if keep_state and latents is not None:
+            cached_r = cached[:: text_rows // rows]
+            new_r = expand_rows(new_count.to(cached_r.device), rows)
+            image_inputs.last_slot = (new_r + int(cached_slot) - 1).clamp(min=0)
+            state = InfiMMImageState(
+                cached_r + new_r, self._state_fingerprints(prefix, pixel_values, new_real, rows, cached_r)
+            )
+            image_inputs.store = state
+        return image_inputs, state, image_outputs
 
+    @staticmethod
+    def _cached_images_in(pixel_values, real, count, cached, tokens, prefix, text_rows) -> torch.Tensor:
+        """How many leading real images of each image row the cached prefix already holds (0 when `pixel_values` hold
+        only the new images); refuses counts that fit neither and images that differ from the cached ones."""
+        if prefix is None or not bool(cached.any()):
+            full = count == tokens
+        else:
+            full = count == cached + tokens
+        only_new = count == tokens
+        if not bool((full | only_new).all()):
+            b = int((~(full | only_new)).nonzero()[0, 0])
+            if prefix is None or not bool(cached.any()):
+                raise ValueError(
+                    f"Sample {b} has {int(tokens[b])} `<image>` tokens but {int(count[b])} images (pixel_values has "
+                    f"{pixel_values.shape[1]} image slots per sample). Put exactly one `<image>` token in the text for "
+                    "each image, or pass `image_mask` to mark which slots are padding."
+                )
+            raise ValueError(
+                f"Sample {b} continues a cached prefix holding {int(cached[b])} images with {int(tokens[b])} new "
+                f"`<image>` tokens, but pixel_values holds {int(count[b])} images for it. Pass all of the prompt's "
+                f"images ({int(cached[b] + tokens[b])}) or only the new ones ({int(tokens[b])})."
+            )
+        skip = torch.where(full, cached, torch.zeros_like(cached))
+        if prefix is not None and bool(skip.any()):
+            state_rows = expand_rows(torch.arange(prefix.rows, device=skip.device), text_rows)
+            state_rows = state_rows[:: text_rows // pixel_values.shape[0]]
+            rank = real.cumsum(1)
+            for row in skip.nonzero()[:, 0].tolist():
+                n = int(skip[row])
+                given = fingerprints(pixel_values[row][real[row] & (rank[row] <= n)])
+                stored = prefix.fingerprints[int(state_rows[row]), :n].to(given.device)
+                if not torch.allclose(given, stored, rtol=1e-3, atol=1e-3):
+                    raise ValueError(
+                        f"Sample {row}: the first {n} images of pixel_values differ from the images of the cached "
+                        "prefix. A cache continues only the prompt it was computed for: pass the same images, or "
+                        "run the whole prompt without the cache."
+                    )
+        return skip
+
+    @staticmethod
+    def _check_prefix_flag(cached, new_tokens, attention_mask, new_length):
+        """A sample's text before its first image is computed with the per-sample flag on (REFERENCE: `flag`): a
+        cached prefix that held text but no image was computed with it off, so it cannot take a first image."""
+        prefix_has_text = torch.ones_like(cached, dtype=torch.bool)
+        if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] > new_length:
+            prefix_has_text = attention_mask[:, :-new_length].to(cached.device).bool().any(1)
+        late = (cached == 0) & (new_tokens.to(cached.device) > 0) & prefix_has_text
+        if bool(late.any()):
+            b = int(late.nonzero()[0, 0])
+            raise ValueError(
+                f"Sample {b}: the cached prefix holds text but no image, and the continuation adds its first image. "
+                "InfiMM's per-sample flag makes the text before a sample's first image depend on whether the sample "
+                "has an image at all, so this cache cannot be continued exactly: run the whole prompt without it."
+            )
+
+    @staticmethod
+    def _state_fingerprints(prefix, pixel_values, new_real, rows, cached_r) -> torch.Tensor:
+        """`(rows, images, 2)`: the cached images' fingerprints followed by the new ones', per image row."""
+        new = list(fingerprints(pixel_values[new_real]).cpu().split(new_real.sum(1).tolist()))
+        per_row = [new[r * len(new) // rows] for r in range(rows)]
+        if prefix is not None:
+            old = expand_rows(prefix.fingerprints.cpu(), rows)
+            per_row = [torch.cat([old[r, : int(cached_r[r])].double(), per_row[r].double()]) for r in range(rows)]
+        width = max(t.shape[0] for t in per_row)
+        out = torch.zeros(rows, width, 2, dtype=torch.float64)
+        for r, t in enumerate(per_row):
+            out[r, : t.shape[0]] = t
+        return out
+
+    @_accepts_old_cache_name
     @can_return_tuple
     def forward(
         self,
@@ -498,29 +628,59 @@ class InfiMMModel(InfiMMPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
-        image_cache: InfiMMImageCache | None = None,
         past_key_values: Cache | None = None,
+        output_hidden_states: bool | None = None,
         **kwargs,
     ) -> InfiMMModelOutputWithPast:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch, images, 3, height, width)`):
             Images of each sample, in the order of its `<image>` tokens; zero slots pad samples with fewer images.
+            Continuing a cached prefix, they may repeat the prefix's images (checked, not encoded again) or hold only
+            the new ones.
         image_mask (`torch.Tensor` of shape `(batch, images)`, *optional*):
             True for real images, False for padding slots (the processor returns it).
-        image_cache (`InfiMMImageCache`, *optional*):
-            Image keys/values from the prefill of the same `generate()` call.
+        cache (`Cache`, *optional*):
+            The language model's cache; it also carries the image state of the tokens it holds (`infimm_images`),
+            so a cached prefix continues exactly.
         past_key_values (`Cache`, *optional*):
             The name of `cache` before transformers 5.24; either is accepted.
         """
         cache = _one_cache(cache, past_key_values)
+        decoding = kwargs.pop(_DECODING_KWARG, False)
         if use_cache is None:
             use_cache = self.config.text_config.use_cache
-        # A step after the prompt: the prefill's image cache is the sign (so decode steps never ask a static cache
-        # for its length, which would sync with the device); otherwise the cache's length.
-        continuing = cache is not None and (image_cache is not None or cache.get_seq_length() > 0)
-        image_inputs, image_hidden_states = self._image_inputs(
-            input_ids, pixel_values, image_mask, image_cache, continuing, use_cache
+        if use_cache and cache is None:
+            # Created here rather than inside the language model so that the image state can ride on it.
+            cache = DynamicCache(config=self.config.text_config)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
+
+        prefix = image_state(cache)
+        image_outputs = image_hidden_states = None
+        if decoding and prefix is not None:
+            # A generated step: its tokens follow the prompt's last image; no per-image work, no device sync.
+            image_inputs = None
+            if prefix.any_media:
+                rows = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
+                image_inputs = ImageInputs(
+                    has_media=expand_rows(prefix.num_images > 0, rows), rows=prefix.rows,
+                    num_latents=self.config.resampler_num_latents, cached=prefix,
+                )
+            state = prefix
+        else:
+            is_media = self._image_media(input_ids, inputs_embeds)
+            continuing = cache is not None and cache.get_seq_length() > 0
+            if is_media is None:
+                raise ValueError("You have to specify either `input_ids` or `inputs_embeds`.")
+            image_inputs, state, image_outputs = self._image_inputs(
+                is_media, pixel_values, image_mask, attention_mask, prefix, continuing,
+                keep_state=cache is not None, output_hidden_states=bool(output_hidden_states),
+            )
+            if image_outputs is not None:
+                image_hidden_states = image_inputs.latents.unflatten(1, (-1, image_inputs.num_latents))
+        if cache is not None:
+            set_image_state(cache, state)
         if image_inputs is not None:
             kwargs[_IMAGE_INPUTS_KWARG] = image_inputs
         outputs = self.language_model.model(
@@ -529,20 +689,17 @@ class InfiMMModel(InfiMMPreTrainedModel):
             position_ids=position_ids,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
             **{_CACHE: cache},
             **kwargs,
         )
-        if image_inputs is not None:
-            image_cache = image_inputs.cache
-        elif not continuing:
-            image_cache = None
         return InfiMMModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             **{_CACHE: getattr(outputs, _CACHE)},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_hidden_states,
-            image_cache=image_cache if use_cache else None,
+            image_outputs=image_outputs,
         )
 
 
@@ -604,12 +761,13 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.model.language_model.set_output_embeddings(new_embeddings)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(self, pixel_values: torch.Tensor, image_mask: torch.Tensor | None = None, **kwargs):
+        return self.model.get_image_features(pixel_values, image_mask=image_mask, **kwargs)
 
     def enable_vision_checkpointing(self, enable: bool = True):
         self.model.enable_vision_checkpointing(enable)
 
+    @_accepts_old_cache_name
     @can_return_tuple
     def forward(
         self,
@@ -622,7 +780,6 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
-        image_cache: InfiMMImageCache | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
         **kwargs,
@@ -643,7 +800,6 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
             cache=_one_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
-            image_cache=image_cache,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
@@ -661,12 +817,28 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
-            image_cache=outputs.image_cache,
+            image_outputs=outputs.image_outputs,
         )
+
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_mask=None, is_first_iteration=False,
+                                      **kwargs):
+        """The library's preparation; the images also reach a forward whose cache holds no image state yet.
+
+        transformers hands `pixel_values` only to the first step of a `generate()` call. An assistant model in
+        assisted decoding is first called with `is_first_iteration=False`, so it would see the prompt's `<image>`
+        tokens without their images; a cache without image state is the sign that the images are still needed.
+        """
+        model_inputs = super().prepare_inputs_for_generation(
+            input_ids, is_first_iteration=is_first_iteration, **kwargs
+        )
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if is_first_iteration or not kwargs.get("use_cache", True) or image_state(cache) is None:
+            model_inputs.update(pixel_values=pixel_values, image_mask=image_mask)
+        return model_inputs
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         # Beams and returned sequences of one prompt share its images: keep one row of pixels per prompt so each
-        # image is encoded once (the forward repeats the resampled latents instead).
+        # image is encoded once (the cross-attention folds a prompt's text rows onto its image row).
         images = {key: model_kwargs.pop(key) for key in ("pixel_values", "image_mask") if key in model_kwargs}
         input_ids, model_kwargs = super()._expand_inputs_for_generation(
             expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
@@ -678,8 +850,25 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
         model_kwargs = super()._update_model_kwargs_for_generation(
             outputs, model_kwargs, is_encoder_decoder=is_encoder_decoder, num_new_tokens=num_new_tokens
         )
-        model_kwargs["image_cache"] = getattr(outputs, "image_cache", None)
+        # The steps after this one feed generated tokens (see `_DECODING_KWARG`).
+        model_kwargs[_DECODING_KWARG] = getattr(outputs, _CACHE, None) is not None
         return model_kwargs
 
+    def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,
+                                 assistant_model=None, **kwargs):
+        """An assistant that takes no images (a text-only draft model sharing the vocabulary) gets the prompt's
+        text alone; transformers would otherwise refuse it for the unused image arguments."""
+        generator = super()._get_candidate_generator(
+            generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs,
+            assistant_model=assistant_model, **kwargs,
+        )
+        assistant_kwargs = getattr(generator, "assistant_kwargs", None)
+        if assistant_model is not None and assistant_kwargs is not None:
+            accepted = inspect.signature(assistant_model.forward).parameters
+            for key in ("pixel_values", "image_mask", _DECODING_KWARG):
+                if key not in accepted:
+                    assistant_kwargs.pop(key, None)
+        return generator
 
-__all__ = ["InfiMMPreTrainedModel", "InfiMMModel", "InfiMMForConditionalGeneration", "InfiMMImageCache"]
+
+__all__ = ["InfiMMPreTrainedModel", "InfiMMModel", "InfiMMForConditionalGeneration", "InfiMMImageState"]

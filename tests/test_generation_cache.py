@@ -10,6 +10,7 @@ from packaging.version import Version
 from transformers import TextIteratorStreamer
 
 from conftest import TOKENIZER_DIR, tiny_model
+from infimm.modeling_infimm import _DECODING_KWARG
 
 IMAGE, EOC = 32001, 32000
 
@@ -57,14 +58,16 @@ def test_cached_image_key_values_equal_recomputed():
     ids, mask, pixels, image_mask = _prompt_batch()
     prefill = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                     pixel_values=pixels, image_mask=image_mask, use_cache=True)
-    assert len(prefill.image_cache) == len(model.config.cross_attention_layers)
+    # The image state rides on the language model's cache: each block's keys/values of each sample's last image.
+    state = prefill[CACHE_NAME].infimm_images
+    assert sorted(state.key_values) == model.config.cross_attention_layers and state.num_images.tolist() == [1, 3]
     next_ids = prefill.logits[:, -1].argmax(-1, keepdim=True)
     step_mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
     positions = step_mask.sum(1, keepdim=True) - 1
 
     cached = model(
         input_ids=next_ids, attention_mask=step_mask, position_ids=positions,
-        past_key_values=copy.deepcopy(prefill[CACHE_NAME]), image_cache=prefill.image_cache,
+        **{CACHE_NAME: copy.deepcopy(prefill[CACHE_NAME])},
     )
     recomputed = model(
         input_ids=next_ids, attention_mask=step_mask, position_ids=positions,
@@ -183,8 +186,7 @@ def test_decode_step_traces_as_one_graph():
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model.forward)(
         input_ids=next_ids, attention_mask=step_mask, position_ids=step_mask.sum(1, keepdim=True) - 1,
-        **{CACHE_NAME: prefill[CACHE_NAME]}, image_cache=prefill.image_cache, pixel_values=pixels,
-        image_mask=image_mask, use_cache=True,
+        **{CACHE_NAME: prefill[CACHE_NAME]}, use_cache=True, **{_DECODING_KWARG: True},
     )
     torch._dynamo.reset()
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
@@ -200,8 +202,7 @@ def test_cache_is_taken_under_either_name_and_returned_under_the_installed_one()
     assert CACHE_NAME in prefill and prefill[CACHE_NAME].get_seq_length() == ids.shape[1]
     assert prefill.to_tuple()[1] is prefill[CACHE_NAME]  # (logits, cache, ...) as the library's outputs order them
     next_ids = prefill.logits[:, -1].argmax(-1, keepdim=True)
-    step = dict(input_ids=next_ids, attention_mask=torch.cat([mask, torch.ones_like(next_ids)], dim=1),
-                image_cache=prefill.image_cache)
+    step = dict(input_ids=next_ids, attention_mask=torch.cat([mask, torch.ones_like(next_ids)], dim=1))
     by_name = {
         name: model(**step, **{name: copy.deepcopy(prefill[CACHE_NAME])}).logits for name in ("cache", "past_key_values")
     }
@@ -209,7 +210,7 @@ def test_cache_is_taken_under_either_name_and_returned_under_the_installed_one()
                      pixel_values=pixels, image_mask=image_mask, use_cache=False).logits[:, -1:]
     torch.testing.assert_close(by_name["cache"], by_name["past_key_values"], rtol=0, atol=0)
     torch.testing.assert_close(by_name["cache"], uncached, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="`cache` or as its older name `past_key_values`"):
+    with pytest.raises(ValueError, match="past_key_values"):
         model(**step, cache=prefill[CACHE_NAME], past_key_values=prefill[CACHE_NAME])
 
 

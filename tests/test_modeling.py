@@ -643,14 +643,21 @@ def test_language_model_runs_the_requested_attention_implementation(net, tmp_pat
     assert custom.model.language_model.config._attn_implementation == name
     ids = _ids((10, (1, 5)), seed=35)
     pixels = _pixels(1, 2, seed=36)
+    self_attn = type(custom.model.language_model.model.layers[0].self_attn).__name__
+    # Decoder layers 0-3 with blocks before layers 1 and 3. Asked for the whole model, the connector takes the
+    # implementation too: the resampler's 2 layers (all images at once), then each block before its layer.
+    if per_part:
+        resampler, step = [], [self_attn] * 4
+    else:
+        resampler = ["InfiMMPerceiverAttention"] * 2
+        step = [self_attn, "InfiMMCrossAttention", self_attn, self_attn, "InfiMMCrossAttention", self_attn]
     callers.clear()
     got = _logits(custom, input_ids=ids, pixel_values=pixels)
-    # Every decoder layer's self-attention, once each; the cross-attention blocks and the resampler stay on SDPA.
-    assert callers == [type(custom.model.language_model.model.layers[0].self_attn).__name__] * 4
+    assert callers == resampler + step
     torch.testing.assert_close(got, _logits(sdpa, input_ids=ids, pixel_values=pixels), atol=0, rtol=0)
     callers.clear()
     out = custom.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False)
-    assert out.shape[1] == ids.shape[1] + 3 and len(callers) == 3 * 4  # prefill + 2 decode steps, 4 layers
+    assert out.shape[1] == ids.shape[1] + 3 and callers == resampler + step * 3  # prefill + 2 decode steps
 
 
 def test_flash_attention_2_is_passed_to_the_language_model(net, tmp_path):
