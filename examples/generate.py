@@ -7,17 +7,28 @@
 
 Without `--model` the script builds a scaled-down `infimm-zephyr` with random weights and the real tokenizer shipped
 in the package, saves it as a Hub-style folder, loads it back through `AutoModelForImageTextToText` and `AutoProcessor`
-with `trust_remote_code=True`, and generates. Its answer is noise: the point is that every step runs.
+with `trust_remote_code=True`, and generates. Its answer is noise: the point is that every step runs. The folder is
+cached (`$HF_HOME/infimm/random-infimm-zephyr-seed<SEED>`, about 21 MB) and reused by later runs, and by chat.py and
+few_shot.py; it is rebuilt when the package's code, the libraries or the recipe change. `--output DIR` builds it in
+DIR instead.
 """
 
 import argparse
+import hashlib
+import json
+import os
+import shutil
 import sys
 import tempfile
 import time
+import uuid
+from importlib.metadata import version
 from pathlib import Path
 
+import huggingface_hub.constants
 import torch
 
+import infimm
 from infimm import InfiMMConfig, InfiMMForConditionalGeneration, InfiMMProcessor
 from infimm.hub_infimm import bundled_tokenizer, sample_image_path, save_hub_folder
 from transformers import (
@@ -43,7 +54,8 @@ def add_model_arguments(parser, max_new_tokens_default=None):
     parser.add_argument("--greedy", action="store_true", help="disable sampling (the release samples with top_p=0.5)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"])
-    parser.add_argument("--output", help="where to save the random model's folder (default: a temporary folder)")
+    parser.add_argument("--output", help="where to build the random model's folder (default: one cached folder, "
+                                         "$HF_HOME/infimm/random-infimm-zephyr-seed<SEED>, reused by later runs)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -66,32 +78,124 @@ def generate_overrides(args) -> dict:
 
 
 def model_or_random(args) -> str:
-    """`--model`, or the folder of a freshly built random-weight model when it is omitted."""
+    """`--model`; without it, the random-weight model: built in `--output`, or taken from (or built into) the cache."""
     if args.model is not None:
         return args.model
-    folder = Path(args.output) if args.output else Path(tempfile.mkdtemp(prefix="infimm-random-"))
-    build_random_model(folder, args.seed)
-    print(f"Saved a random-weight InfiMM (scaled-down infimm-zephyr) to {folder}")
-    return str(folder)
+    if args.output:
+        folder = build_random_model(Path(args.output), args.seed)
+        print(f"Saved a random-weight InfiMM (scaled-down infimm-zephyr) to {folder}")
+        return str(folder)
+    return str(random_model_folder(args.seed))
+
+
+# The scaled-down `infimm-zephyr` the random model is built from (sub-config overrides of the preset).
+RANDOM_MODEL_RECIPE = {
+    "preset": "infimm-zephyr",
+    "text_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "max_position_embeddings": 2048},
+    "vision_config": {"model_args": {"embed_dim": 64, "depth": 2, "num_heads": 2}},
+    "resampler_depth": 2, "resampler_num_latents": 8, "resampler_heads": 2, "resampler_head_dim": 16,
+    "cross_attn_heads": 2, "cross_attn_head_dim": 16,
+    "gates": 1.0, "max_new_tokens": 20,
+}
+RANDOM_MODEL_MARKER = "infimm-random-model.json"
+# Left-over build folders of runs that were killed are removed once they are this old (seconds).
+_ABANDONED_AFTER = 3600
+
+
+def random_model_cache_dir() -> Path:
+    """Where the random models live: `$HF_HOME/infimm` (HF_HOME defaults to ~/.cache/huggingface)."""
+    return Path(huggingface_hub.constants.HF_HOME) / "infimm"
+
+
+def random_model_fingerprint(seed: int) -> str:
+    """What the random model's folder depends on: the recipe, the seed, the package's code (copied into the folder as
+    remote code, and it initialises the weights), the tokenizer and the libraries that build and save it."""
+    digest = hashlib.sha256(json.dumps({"recipe": RANDOM_MODEL_RECIPE, "seed": seed}, sort_keys=True).encode())
+    for name in ("torch", "transformers", "timm", "safetensors"):
+        digest.update(f"{name}=={version(name)}".encode())
+    package = Path(infimm.__file__).resolve().parent
+    tokenizer = package / "assets" / RANDOM_MODEL_RECIPE["preset"]
+    for path in sorted(package.glob("*.py")) + sorted(p for p in tokenizer.iterdir() if p.is_file()):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _is_fresh(folder: Path, fingerprint: str) -> bool:
+    try:
+        marker = json.loads((folder / RANDOM_MODEL_MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("fingerprint") == fingerprint and (folder / "model.safetensors").is_file()
+
+
+def random_model_folder(seed: int = 0, cache_dir=None) -> Path:
+    """The random model's folder in the cache, one per seed: reused while its fingerprint matches, else rebuilt.
+
+    A build goes to a fresh folder beside it that is renamed into place when complete, so a run never sees half a
+    folder, and of two runs building at once the second to finish just uses the first one's folder.
+    """
+    cache_dir = Path(cache_dir) if cache_dir is not None else random_model_cache_dir()
+    name = f"random-{RANDOM_MODEL_RECIPE['preset']}-seed{seed}"
+    folder = cache_dir / name
+    fingerprint = random_model_fingerprint(seed)
+    if _is_fresh(folder, fingerprint):
+        print(f"Reusing the random-weight InfiMM (scaled-down infimm-zephyr) in {folder}")
+        return folder
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(cache_dir, name)
+    build = Path(tempfile.mkdtemp(prefix=f".{name}.build-", dir=cache_dir))
+    try:
+        build_random_model(build, seed)
+        (build / RANDOM_MODEL_MARKER).write_text(json.dumps({"fingerprint": fingerprint, "seed": seed}) + "\n")
+        _move_into_place(build, folder, fingerprint)
+    finally:
+        shutil.rmtree(build, ignore_errors=True)  # gone already unless another run's folder won, or on an error
+    print(f"Saved a random-weight InfiMM (scaled-down infimm-zephyr) to {folder}; later runs reuse it")
+    return folder
+
+
+def _move_into_place(build: Path, folder: Path, fingerprint: str) -> None:
+    for _ in range(3):
+        try:
+            os.rename(build, folder)  # atomic; fails while `folder` exists (a directory is never replaced)
+            return
+        except OSError:
+            if _is_fresh(folder, fingerprint):
+                return  # another run built it meanwhile
+            # A stale or broken folder: move it aside (atomic too), then delete it.
+            aside = folder.with_name(f".{folder.name}.stale-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(folder, aside)
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(aside, ignore_errors=True)
+    raise OSError(f"Could not move the random model into {folder}; remove that folder and run again.")
+
+
+def _remove_abandoned(cache_dir: Path, name: str) -> None:
+    """Build and stale folders left by runs that were killed (a running build is younger than the limit)."""
+    for path in cache_dir.glob(f".{name}.*"):
+        try:
+            if time.time() - path.stat().st_mtime > _ABANDONED_AFTER:
+                shutil.rmtree(path, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def build_random_model(folder: Path, seed: int) -> Path:
     """A scaled-down `infimm-zephyr` (real vocabulary, tokenizer and 336 px images) saved as a Hub-style folder."""
-    config = InfiMMConfig.from_preset(
-        "infimm-zephyr",
-        text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
-                     "num_key_value_heads": 2, "max_position_embeddings": 2048},
-        vision_config={"model_args": {"embed_dim": 64, "depth": 2, "num_heads": 2}},
-        resampler_depth=2, resampler_num_latents=8, resampler_heads=2, resampler_head_dim=16,
-        cross_attn_heads=2, cross_attn_head_dim=16,
-    )
+    recipe = dict(RANDOM_MODEL_RECIPE)
+    preset, gates, max_new_tokens = recipe.pop("preset"), recipe.pop("gates"), recipe.pop("max_new_tokens")
+    config = InfiMMConfig.from_preset(preset, **recipe)
     torch.manual_seed(seed)
     model = InfiMMForConditionalGeneration(config).eval()
     # Gates start at zero (each block is then an identity); open them so the images reach the language model.
     for block in model.model.cross_attention_layers.values():
-        torch.nn.init.constant_(block.attn_gate, 1.0)
-        torch.nn.init.constant_(block.ff_gate, 1.0)
-    model.generation_config.max_new_tokens = 20
+        torch.nn.init.constant_(block.attn_gate, gates)
+        torch.nn.init.constant_(block.ff_gate, gates)
+    model.generation_config.max_new_tokens = max_new_tokens
     model.generation_config.do_sample = False
     processor = InfiMMProcessor.from_config(config, bundled_tokenizer("infimm-zephyr"))
     return save_hub_folder(model, processor, folder)

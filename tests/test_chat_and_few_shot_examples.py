@@ -137,14 +137,25 @@ def test_chat_needs_a_chat_template(model_and_processor):
         chat.Chat(model, processor)
 
 
+def _script_env(tmp_path):
+    """Offline, with the random model's cache and the temporary folder under `tmp_path` (not the user's)."""
+    (tmp_path / "tmp").mkdir(exist_ok=True)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
+            "HF_HOME": str(tmp_path / "hf"), "TMPDIR": str(tmp_path / "tmp"), "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _assert_left_only_the_cached_model(tmp_path):
+    assert [path.name for path in (tmp_path / "hf" / "infimm").iterdir()] == ["random-infimm-zephyr-seed0"]
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
 @pytest.mark.slow
 def test_chat_script_runs_a_session_from_stdin(tmp_path):
     session = "\n".join([
         f"/image {REPO / 'assets' / 'sample-chart.jpg'}", "What is this?", f"/image {tmp_path / 'missing.jpg'}",
         "And now?", "/reset", "Hello", "/quit", "never read",
     ]) + "\n"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = _script_env(tmp_path)
     result = subprocess.run([sys.executable, str(EXAMPLES / "chat.py"), "--max-new-tokens", "3"], input=session,
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -154,14 +165,15 @@ def test_chat_script_runs_a_session_from_stdin(tmp_path):
     assert "(1 image(s) attached to your next message)" in out
     assert "(could not load an image:" in out and "missing.jpg" in out
     assert "(conversation cleared)" in out
+    _assert_left_only_the_cached_model(tmp_path)
 
 
 @pytest.mark.slow
 def test_few_shot_script_demo_runs(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules"),
-           "TOKENIZERS_PARALLELISM": "false"}
+    env = _script_env(tmp_path)
     result = subprocess.run([sys.executable, str(EXAMPLES / "few_shot.py"), "--max-new-tokens", "3"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-4000:]
     assert "Prompt: <image>A red square.<|endofchunk|><image>A green square.<|endofchunk|><image>" in result.stdout
     assert "a blue square: " in result.stdout and "a yellow square: " in result.stdout
+    _assert_left_only_the_cached_model(tmp_path)
