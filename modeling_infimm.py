@@ -321,7 +321,9 @@ class InfiMMPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = False
-    _can_compile_fullgraph = False
+    # A decode step traces as one graph (its image keys/values come from the cache); the prefill's image bookkeeping
+    # breaks the graph, as transformers expects of prefill, which it runs eagerly when it compiles the decode steps.
+    _can_compile_fullgraph = True
 
     @torch.no_grad()
     def _init_weights(self, module):
@@ -820,8 +822,8 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
             image_outputs=outputs.image_outputs,
         )
 
-    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_mask=None, is_first_iteration=False,
-                                      **kwargs):
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_mask=None, inputs_embeds=None,
+                                      is_first_iteration=False, **kwargs):
         """The library's preparation; the images also reach a forward whose cache holds no image state yet.
 
         transformers hands `pixel_values` only to the first step of a `generate()` call. An assistant model in
@@ -829,7 +831,7 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
         tokens without their images; a cache without image state is the sign that the images are still needed.
         """
         model_inputs = super().prepare_inputs_for_generation(
-            input_ids, is_first_iteration=is_first_iteration, **kwargs
+            input_ids, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
         )
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if is_first_iteration or not kwargs.get("use_cache", True) or image_state(cache) is None:
