@@ -3,8 +3,10 @@
 Three kinds of example are recognised by their keys:
 
 - chat: `{"messages": [...]}` in transformers' convention (`{"type": "image", "image": ...}` and
-  `{"type": "text", "text": ...}` items; the release's `{"image": ...}` items are accepted too). The prompt is the
-  processor's chat template; the loss covers the assistant turns only (their text and the end-of-turn token).
+  `{"type": "text", "text": ...}` items; the release's `{"image": ...}` items are accepted too), or in TRL's vision
+  layout: `{"type": "image"}` placeholders in the messages and the images, in order, in an `images` column. The
+  prompt is the processor's chat template; the loss covers the assistant turns only (their text and the
+  end-of-turn token).
 - interleaved document: `{"text": "<image>caption<|endofchunk|><image>...", "images": [...]}`, the Flamingo
   pretraining layout. The loss covers every token after the first `<image>`, except `<image>` tokens.
 - image-caption pair: `{"image": ..., "caption": "..."}`, written as `<image>caption<|endofchunk|>`.
@@ -71,6 +73,64 @@ def conversation_images(messages) -> list:
                     source = "data:image/unknown;base64," + source
                 images.append(source)
     return images
+
+
+def _has_source(item: dict) -> bool:
+    return item.get("type") == "image_url" or any(item.get(key) is not None for key in _IMAGE_ITEM_KEYS)
+
+
+def fill_image_placeholders(messages, images):
+    """TRL's vision layout -> self-contained messages: `{"type": "image"}` items without a source take the row's
+    `images`, in order.
+
+    As in TRL's `prepare_multimodal_messages`, a conversation without any image item whose first user message is a
+    plain string gets the images in front of that text. Items that carry their own image are left alone.
+    """
+    if images is None:
+        return messages
+    images = list(images)
+    if not isinstance(messages, (list, tuple)):
+        return messages  # `_encode_chat` explains what a conversation must be
+
+    def contents(message):
+        content = message.get("content") if isinstance(message, dict) else None
+        return [content] if isinstance(content, dict) else content if isinstance(content, (list, tuple)) else []
+
+    placeholders = sum(
+        1 for message in messages for item in contents(message)
+        if isinstance(item, dict) and item.get("type") == "image" and not _has_source(item)
+    )
+    if placeholders == 0 and images:
+        first_user = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
+        has_image_items = any(
+            isinstance(item, dict) and (item.get("type") in ("image", "image_url") or _has_source(item))
+            for message in messages for item in contents(message)
+        )
+        if first_user is not None and isinstance(first_user.get("content"), str) and not has_image_items:
+            index = messages.index(first_user)
+            content = [*({"type": "image"} for _ in images), {"type": "text", "text": first_user["content"]}]
+            messages = [*messages[:index], {**first_user, "content": content}, *messages[index + 1 :]]
+            placeholders = len(images)
+    if placeholders != len(images):
+        raise ValueError(
+            f"The conversation has {placeholders} image placeholder(s) (`{{'type': 'image'}}` items without an image) "
+            f"but its `images` holds {len(images)}. Give one placeholder per image, in the order of `images`."
+        )
+    remaining = iter(images)
+    filled = []
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, dict):
+            content = [content]
+        if isinstance(content, (list, tuple)):
+            content = [
+                {**item, "image": next(remaining)}
+                if isinstance(item, dict) and item.get("type") == "image" and not _has_source(item) else item
+                for item in content
+            ]
+            message = {**message, "content": content}
+        filled.append(message)
+    return filled
 
 
 class InfiMMDataCollator:
@@ -181,7 +241,11 @@ class InfiMMDataCollator:
         if not isinstance(example, dict):
             raise ValueError(f"An example must be a dict; got {type(example).__name__}.")
         if "messages" in example:
-            sample, is_chat = self._encode_chat(example["messages"]), True
+            images = example.get("images")
+            if images is None and example.get("image") is not None:
+                images = [example["image"]]
+            messages = fill_image_placeholders(example["messages"], images)
+            sample, is_chat = self._encode_chat(messages), True
         elif "caption" in example and "image" in example:
             text = f"{self.image_token}{example['caption']}{self.eoc_token}"
             sample, is_chat = self._encode_document(text, [example["image"]]), False
@@ -304,4 +368,4 @@ class InfiMMDataCollator:
         return EncodedExample(input_ids, sample.labels[window], images)
 
 
-__all__ = ["InfiMMDataCollator", "EncodedExample", "IGNORE_INDEX", "conversation_images"]
+__all__ = ["InfiMMDataCollator", "EncodedExample", "IGNORE_INDEX", "conversation_images", "fill_image_placeholders"]

@@ -27,6 +27,7 @@ import urllib.request
 import numpy as np
 import PIL.Image
 import PIL.ImageOps
+from jinja2 import TemplateError
 
 from transformers import AddedToken
 from transformers.feature_extraction_utils import BatchFeature
@@ -50,20 +51,60 @@ _DEFAULT_TIMEOUT = 10.0
 
 
 # ------------------------------------------------------------------------------------------------- image input
+# Every broken image ends in a `ValueError` that says what is wrong with it and how to fix it, whichever way it came
+# in (path, URL, data URI, PIL image, array, tensor): Pillow decodes lazily, so without `_decode` an already-opened
+# truncated file would only fail with Pillow's bare `OSError` deep inside the resize.
+def _decode(image: PIL.Image.Image, name: str) -> PIL.Image.Image:
+    """Makes Pillow decode `image` now and names the cause if it cannot (truncated or damaged data)."""
+    try:
+        image.load()
+    except (OSError, EOFError, SyntaxError, ValueError) as err:
+        if isinstance(err, EOFError) or "truncated" in str(err):
+            raise ValueError(
+                f"Could not read the image {name}: it is truncated, the data ends before the picture does "
+                f"(Pillow: {err}). Re-download or re-save the file; to use the part that is there, set "
+                "`PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True` first."
+            ) from err
+        raise ValueError(
+            f"Could not read the image {name}: its data is damaged or incomplete (Pillow: {err}). Re-download or "
+            "re-save it (e.g. as PNG or JPEG)."
+        ) from err
+    return image
+
+
+def _open_bytes(data: bytes, name: str, hint: str = "") -> PIL.Image.Image:
+    """Encoded image bytes -> a decoded PIL image, or a `ValueError` saying whether they are empty, not an image,
+    truncated or damaged."""
+    if not data:
+        raise ValueError(f"Could not read the image {name}: it is empty (0 bytes). Re-download or re-export it.")
+    try:
+        image = PIL.Image.open(io.BytesIO(data))
+    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(
+            f"Could not read the image {name}: Pillow does not recognise it as an image{hint} ({err}). Check that it "
+            "is a picture file, or re-save it (e.g. as PNG or JPEG)."
+        ) from err
+    return _decode(image, name)
+
+
 def load_image(source, timeout: float = _DEFAULT_TIMEOUT) -> PIL.Image.Image:
     """Opens a local path, an http(s) URL or a `data:image/...;base64,` URI; raises `ValueError` saying what failed."""
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
+    hint = ""
     if source.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(source, timeout=timeout) as response:
                 data = response.read()
+                content_type = response.headers.get_content_type()
         except (urllib.error.URLError, OSError, ValueError) as err:
             raise ValueError(
                 f"Could not download the image at {source!r} ({err}). Check the URL and your connection, or "
                 "download the file and pass its local path."
             ) from err
-        name = source
+        if not content_type.startswith("image/"):
+            hint = f" (the server sent {content_type!r})"
+        name = repr(source)
     elif source.startswith("data:image/"):
         try:
             data = base64.b64decode(source.split(",", 1)[1], validate=True)
@@ -72,7 +113,7 @@ def load_image(source, timeout: float = _DEFAULT_TIMEOUT) -> PIL.Image.Image:
                 "Could not decode a `data:image/...;base64,` image: the base64 payload is invalid. Re-encode the "
                 "file with `base64.b64encode(open(path, 'rb').read())`."
             ) from err
-        name = "data URI"
+        name = "in the data URI"
     else:
         if not os.path.isfile(source):
             raise ValueError(
@@ -81,20 +122,28 @@ def load_image(source, timeout: float = _DEFAULT_TIMEOUT) -> PIL.Image.Image:
             )
         with open(source, "rb") as handle:
             data = handle.read()
-        name = source
+        name = repr(source)
+    return PIL.ImageOps.exif_transpose(_open_bytes(data, name, hint))
+
+
+def _tensor_to_array(tensor) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if tensor.is_floating_point() and str(tensor.dtype) not in ("torch.float16", "torch.float32", "torch.float64"):
+        tensor = tensor.float()  # bfloat16 / float8 have no numpy dtype; float32 holds their values exactly
     try:
-        image = PIL.Image.open(io.BytesIO(data))
-        image.load()  # decode now, so a truncated file fails here rather than deep inside the resize
-    except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        return tensor.numpy()
+    except (TypeError, RuntimeError) as err:
         raise ValueError(
-            f"Could not read the image {name!r}: {err}. The file is not an image Pillow can decode, or it is "
-            "truncated; re-download or re-save it (e.g. as PNG or JPEG)."
+            f"Unsupported image tensor dtype {tensor.dtype}; pass uint8 (0-255) or float (0-1) data."
         ) from err
-    return PIL.ImageOps.exif_transpose(image)
 
 
 def _array_to_pil(array: np.ndarray, channels_first: bool) -> PIL.Image.Image:
     """(H, W), (H, W, C) or (C, H, W) array with C in 1, 3, 4 -> PIL image; floats must lie in [0, 1]."""
+    if array.size == 0:
+        raise ValueError(
+            f"The image is empty: it has zero width or height (array shape {array.shape}); pass a non-empty image."
+        )
     if array.ndim == 3:
         first, last = array.shape[0] in (1, 3, 4), array.shape[-1] in (1, 3, 4)
         if first and (channels_first or not last):
@@ -111,11 +160,14 @@ def _array_to_pil(array: np.ndarray, channels_first: bool) -> PIL.Image.Image:
             f"An image array must have 2 or 3 dimensions; got shape {array.shape}. Pass one image at a time "
             "(or a list of images)."
         )
-    if 0 in array.shape:
-        raise ValueError(f"The image has zero width or height (array shape {array.shape}); pass a non-empty image.")
     if array.dtype == np.bool_:
         array = array.astype(np.uint8) * 255
     elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise ValueError(
+                "A float image holds NaN or infinite values; replace them (e.g. `np.nan_to_num(image)`) and pass "
+                "values in [0, 1]."
+            )
         low, high = float(array.min()), float(array.max())
         if not (0.0 <= low and high <= 1.0):
             raise ValueError(
@@ -145,10 +197,13 @@ def to_rgb_image(image, background_color=(255, 255, 255)) -> PIL.Image.Image:
     if isinstance(image, (str, os.PathLike)):
         image = load_image(image)
     elif type(image).__module__.startswith("torch") and hasattr(image, "detach"):
-        image = _array_to_pil(image.detach().cpu().numpy(), channels_first=True)
+        image = _array_to_pil(_tensor_to_array(image), channels_first=True)
     elif isinstance(image, np.ndarray):
         image = _array_to_pil(image, channels_first=False)
-    elif not isinstance(image, PIL.Image.Image):
+    elif isinstance(image, PIL.Image.Image):
+        filename = getattr(image, "filename", None)
+        _decode(image, f"{filename!r} (given as a PIL image)" if filename else "given as a PIL image")
+    else:
         raise ValueError(
             f"Unsupported image type {type(image).__name__}. Pass a PIL image, a numpy array, a torch tensor, a local "
             "file path or an http(s) URL."
@@ -206,6 +261,25 @@ class _InfiMMImageProcessingMixin:
             kwargs["background_color"] = tuple(int(c) for c in background_color)
         super().__init__(**kwargs)
 
+    def to_dict(self):
+        """Saved settings; `auto_map["AutoImageProcessor"]` names both backends as a (PIL, torchvision) pair.
+
+        transformers' `custom_object_save` writes only the class being saved, so `AutoImageProcessor` could never
+        reach the other one; with the pair, `use_fast=True` / `backend="torchvision"` load
+        `InfiMMImageProcessorFast` and `use_fast=False` / `backend="pil"` load `InfiMMImageProcessor`.
+        """
+        output = super().to_dict()
+        auto_map = output.get("auto_map")
+        if isinstance(auto_map, dict) and auto_map.get("AutoImageProcessor"):
+            reference = auto_map["AutoImageProcessor"]
+            reference = reference[0] if isinstance(reference, (list, tuple)) else reference
+            module = reference.rsplit(".", 1)[0]  # e.g. "processing_infimm" or "owner/repo--processing_infimm"
+            output["auto_map"] = {
+                **auto_map,
+                "AutoImageProcessor": [f"{module}.InfiMMImageProcessor", f"{module}.InfiMMImageProcessorFast"],
+            }
+        return output
+
     def fetch_images(self, images):
         """Loads paths and URLs and turns every image into RGB PIL (compositing transparency, checking the mode)."""
         if isinstance(images, (list, tuple)):
@@ -255,6 +329,11 @@ class InfiMMImageProcessorFast(_InfiMMImageProcessingMixin, TorchvisionBackend):
 
 
 # ---------------------------------------------------------------------------------------------- chat templates
+# Each template wraps what the model writes after the generation prompt (the reply and its end-of-turn `</s>`) in
+# `{% generation %}` ... `{% endgeneration %}`: `apply_chat_template(..., return_assistant_tokens_mask=True)` then
+# marks those tokens, which is how TRL's `SFTTrainer(assistant_only_loss=True)` finds them. The markers render
+# nothing; the prompts are the release's, character for character. They must sit outside macros: transformers
+# measures their position in the top-level output.
 _RENDER_CONTENT = r"""{%- macro render_content(content) -%}
 {%- if content is string -%}{{ content }}
 {%- else -%}
@@ -277,7 +356,11 @@ ZEPHYR_CHAT_TEMPLATE = _RENDER_CONTENT + r"""{%- if messages[0]['role'] != 'syst
 {%- if message['role'] not in ['system', 'user', 'assistant'] -%}
 {{ raise_exception('Unknown role ' ~ message['role'] ~ '; use system, user or assistant') }}
 {%- endif -%}
+{%- if message['role'] == 'assistant' -%}
+{{ '<|assistant|>\n' }}{% generation %}{{ render_content(message['content']) + eos_token }}{% endgeneration %}{{ '\n' }}
+{%- else -%}
 {{ '<|' + message['role'] + '|>\n' + render_content(message['content']) + eos_token + '\n' }}
+{%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
 {{ '<|assistant|>\n' }}
@@ -298,7 +381,7 @@ VICUNA_CHAT_TEMPLATE = _RENDER_CONTENT + r"""{%- if messages[0]['role'] == 'syst
 {%- if message['role'] == 'user' -%}
 {{ 'USER: ' + render_content(message['content']) + ' ' }}
 {%- elif message['role'] == 'assistant' -%}
-{{ 'ASSISTANT: ' + render_content(message['content']) + eos_token }}
+{{ 'ASSISTANT:' }}{% generation %}{{ ' ' + render_content(message['content']) + eos_token }}{% endgeneration %}
 {%- else -%}
 {{ raise_exception('Unknown role ' ~ message['role'] ~ '; use user or assistant after the optional system message') }}
 {%- endif -%}
@@ -322,7 +405,7 @@ LLAMA2_CHAT_TEMPLATE = _RENDER_CONTENT + r"""{%- if messages[0]['role'] == 'syst
 {%- if message['role'] == 'user' -%}
 {{ bos_token + '[INST] ' + content | trim + ' [/INST]' }}
 {%- elif message['role'] == 'assistant' -%}
-{{ ' ' + content | trim + ' ' + eos_token }}
+{% generation %}{{ ' ' + content | trim + ' ' + eos_token }}{% endgeneration %}
 {%- else -%}
 {{ raise_exception('Unknown role ' ~ message['role'] ~ '; use user or assistant after the optional system message') }}
 {%- endif -%}
@@ -339,12 +422,21 @@ CHAT_TEMPLATES = {
 _IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
 
 
+class ChatMessageError(TemplateError, ValueError):
+    """A conversation the chat templates cannot render (unknown role, content item or missing text).
+
+    A `ValueError`, like every bad input here, and also jinja's `TemplateError`, which is what a chat template's own
+    `raise_exception` raises and what tools probing a template catch: TRL's `supports_tool_calling` renders a
+    conversation with a `tool` turn and reads a `TemplateError` as "this template has no tool support".
+    """
+
+
 def _normalize_item(item, where: str) -> dict:
     """One content item (transformers' typed dicts, or the release's `{"image": ...}` dicts and bare strings)."""
     if isinstance(item, str):
         return {"type": "text", "text": item}
     if not isinstance(item, dict):
-        raise ValueError(
+        raise ChatMessageError(
             f"{where} has a content item of type {type(item).__name__}; use {{'type': 'text', 'text': ...}} or "
             "{'type': 'image', 'image': ...} items."
         )
@@ -357,21 +449,21 @@ def _normalize_item(item, where: str) -> dict:
         return {"type": "image", "image": url}
     if kind == "text":
         if not isinstance(item.get("text"), str):
-            raise ValueError(
+            raise ChatMessageError(
                 f"{where} has a text item without a `text` string; give it {{'type': 'text', 'text': ...}}."
             )
         return {"type": "text", "text": item["text"]}
     if kind == "image":
         sources = [key for key in _IMAGE_SOURCE_KEYS if item.get(key) is not None]
         if not sources:
-            raise ValueError(
+            raise ChatMessageError(
                 f"{where} has an image item without an image; give it one of the keys {list(_IMAGE_SOURCE_KEYS)}."
             )
         source = item[sources[0]]
         if sources[0] == "base64" and isinstance(source, str) and not source.startswith("data:"):
             source = "data:image/unknown;base64," + source
         return {"type": "image", "image": source}
-    raise ValueError(
+    raise ChatMessageError(
         f"{where} has a content item of unknown type {kind!r}; InfiMM understands 'text' and 'image' items "
         "(video and audio are not supported)."
     )
@@ -380,17 +472,17 @@ def _normalize_item(item, where: str) -> dict:
 def _normalize_conversation(conversation) -> list[dict]:
     """Validated copy of one conversation with every content list in transformers' typed-item form."""
     if not isinstance(conversation, (list, tuple)) or not conversation:
-        raise ValueError("A conversation must be a non-empty list of {'role': ..., 'content': ...} messages.")
+        raise ChatMessageError("A conversation must be a non-empty list of {'role': ..., 'content': ...} messages.")
     normalized = []
     for index, message in enumerate(conversation):
         if not isinstance(message, dict):
-            raise ValueError(
+            raise ChatMessageError(
                 f"Message {index} is a {type(message).__name__}; messages are dicts with 'role' and 'content'."
             )
         role = message.get("role")
         where = f"Message {index} ({role!r})"
         if role not in ("system", "user", "assistant"):
-            raise ValueError(
+            raise ChatMessageError(
                 f"{where} has an unknown role; InfiMM's chat formats know 'system', 'user' and 'assistant'."
             )
         content = message.get("content")
@@ -400,13 +492,13 @@ def _normalize_conversation(conversation) -> list[dict]:
         if isinstance(content, dict):
             content = [content]
         if not content:
-            raise ValueError(
+            raise ChatMessageError(
                 f"{where} has no content. Give it text, e.g. {{'role': '{role}', 'content': [{{'type': 'text', "
                 "'text': '...'}]}."
             )
         items = [_normalize_item(item, where) for item in content]
         if not any(item["type"] == "text" for item in items):
-            raise ValueError(
+            raise ChatMessageError(
                 f"{where} has no text. Add a {{'type': 'text', 'text': ...}} item (an empty string is accepted for an "
                 "image-only turn)."
             )
@@ -534,9 +626,20 @@ class InfiMMProcessor(ProcessorMixin):
 
     # ------------------------------------------------------------------------------------------------- call
     def __call__(self, images=None, text=None, videos=None, audio=None, **kwargs) -> BatchFeature:
-        """Tokenizes `text` and preprocesses `images`; see the class docstring for the accepted forms."""
-        if videos is not None or audio is not None:
-            raise ValueError("InfiMM takes images and text only; remove `videos` / `audio`.")
+        """Tokenizes `text` and preprocesses `images`; see the class docstring for the accepted forms.
+
+        `videos`, `audio` and `audios` may be given empty (or None), as generic evaluation harnesses pass every
+        modality (lmms-eval's `huggingface` model sends `videos=[]`, `audios=[]`); anything in them is refused.
+        A text that starts with `<s>` (the Llama-2 template writes it) gets no second one, unless
+        `add_special_tokens` is given.
+        """
+        media = {"videos": videos, "audio": audio, "audios": kwargs.pop("audios", None)}
+        for name, value in media.items():
+            if not _is_empty_media(value):
+                raise ValueError(
+                    f"InfiMM takes images and text only; `{name}` is not empty. Remove it (None or an empty list is "
+                    "accepted), or pass video frames as images, one `<image>` placeholder each."
+                )
         if text is None:
             raise ValueError(
                 "InfiMM needs `text` with one `<image>` placeholder per image, e.g. text='<image>A photo of'. For "
@@ -552,6 +655,10 @@ class InfiMMProcessor(ProcessorMixin):
         images_kwargs.pop("return_tensors", None)
         for key in ("return_mm_token_type_ids", "return_text_replacement_offsets"):
             text_kwargs.pop(key, None)
+        bos = self.tokenizer.bos_token
+        explicit = "add_special_tokens" in kwargs or "add_special_tokens" in (kwargs.get("text_kwargs") or {})
+        if not explicit and bos and all(sample.startswith(bos) for sample in texts):
+            text_kwargs["add_special_tokens"] = False  # the text carries its own `<s>`
 
         per_sample = self._assign_images(images, texts)
         data = dict(self.tokenizer(texts, **text_kwargs))
@@ -673,6 +780,12 @@ class InfiMMProcessor(ProcessorMixin):
 
         `processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
         return_tensors="pt")` gives the model inputs; a list of conversations gives a padded batch.
+
+        Tokenized prompts start with exactly one `<s>`, the template's (Llama-2) or the tokenizer's (Zephyr, Vicuna),
+        whatever `add_special_tokens` says: TRL's vision collator passes `add_special_tokens=False` on the assumption
+        that every template writes `<s>`, which would leave Zephyr and Vicuna prompts without the one they were
+        trained with. With `return_assistant_tokens_mask=True`, the `assistant_masks` cover each reply and its
+        `</s>` (the templates' `{% generation %}` blocks) but never an `<|endofchunk|><image>` marker.
         """
         if chat_template is None and self.chat_template is None:
             raise ValueError(
@@ -685,7 +798,26 @@ class InfiMMProcessor(ProcessorMixin):
             conversation = _normalize_conversation(conversation.messages)
         else:
             conversation = _normalize_conversation(conversation)
-        return super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+        if kwargs.get("processor_kwargs"):
+            processor_kwargs = dict(kwargs["processor_kwargs"])
+            processor_kwargs.pop("add_special_tokens", None)
+            kwargs["processor_kwargs"] = processor_kwargs
+        kwargs.pop("add_special_tokens", None)
+        out = super().apply_chat_template(conversation, chat_template=chat_template, **kwargs)
+        if kwargs.get("return_assistant_tokens_mask") and isinstance(out, BatchFeature) and "assistant_masks" in out:
+            out["assistant_masks"] = self._unmask_image_markers(out["input_ids"], out["assistant_masks"])
+        return out
+
+    def _unmask_image_markers(self, input_ids, masks):
+        """An image inside an assistant turn is input, not something the model writes: its tokens leave the mask."""
+        markers = (self.image_token_id, self.eoc_token_id)
+        if hasattr(masks, "masked_fill"):  # torch
+            is_marker = (input_ids == markers[0]) | (input_ids == markers[1])
+            return masks.masked_fill(is_marker, 0)
+        if isinstance(masks, np.ndarray):
+            return np.where(np.isin(input_ids, markers), 0, masks)
+        return [[0 if token in markers else flag for token, flag in zip(ids, row)]
+                for ids, row in zip(input_ids, masks)]
 
     # ------------------------------------------------------------------------------------------------ decode
     def batch_decode(self, sequences, skip_special_tokens: bool = True, input_ids=None, **kwargs) -> list[str]:
@@ -709,6 +841,15 @@ class InfiMMProcessor(ProcessorMixin):
         return self.batch_decode(generated_outputs, skip_special_tokens, input_ids, **kwargs)
 
 
+def _is_empty_media(value) -> bool:
+    """None or (nested) empty lists: how callers that pass every modality say "no videos / no audio"."""
+    if value is None:
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_empty_media(item) for item in value)
+    return False
+
+
 def _is_flat_sequence(ids) -> bool:
     """One sequence of token ids (1-D tensor/array or a list of ints), as opposed to a batch."""
     if hasattr(ids, "ndim"):
@@ -723,6 +864,7 @@ __all__ = [
     "InfiMMImageProcessorFast",
     "InfiMMProcessor",
     "CHAT_TEMPLATES",
+    "ChatMessageError",
     "load_image",
     "to_rgb_image",
 ]
