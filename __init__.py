@@ -4,13 +4,14 @@ The three `*_infimm.py` modules are also the Hub remote code of a saved model; t
 """
 
 from .configuration_infimm import PRESETS, InfiMMConfig
-from .modeling_infimm import InfiMMForConditionalGeneration, InfiMMModel, InfiMMPreTrainedModel
+from .modeling_infimm import CACHE_ARGUMENT, InfiMMForConditionalGeneration, InfiMMModel, InfiMMPreTrainedModel
 from .processing_infimm import InfiMMImageProcessor, InfiMMImageProcessorFast, InfiMMProcessor
 from .collator_infimm import InfiMMDataCollator
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CACHE_ARGUMENT",
     "PRESETS",
     "InfiMMConfig",
     "InfiMMModel",

@@ -71,6 +71,9 @@ _IMAGE_INPUTS_KWARG = "infimm_image_inputs"
 # output field. The outputs below inherit the installed version's field and `forward` accepts either name, so the
 # same file serves the whole supported range.
 _CACHE = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+# The installed release's name, for callers that pass a cache to `generate()` / `forward` on any supported release:
+# `model.generate(**inputs, **{CACHE_ARGUMENT: cache})`.
+CACHE_ARGUMENT = _CACHE
 
 # Set by `_update_model_kwargs_for_generation` for the steps after a `generate()` prefill: their tokens are
 # generated text, which follows the prompt's last image (REFERENCE: "While generating with a cache, every new token
@@ -873,4 +876,6 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
         return generator
 
 
-__all__ = ["InfiMMPreTrainedModel", "InfiMMModel", "InfiMMForConditionalGeneration", "InfiMMImageState"]
+__all__ = [
+    "CACHE_ARGUMENT", "InfiMMPreTrainedModel", "InfiMMModel", "InfiMMForConditionalGeneration", "InfiMMImageState"
+]

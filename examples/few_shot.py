@@ -7,8 +7,10 @@
     python examples/few_shot.py    # no download: a small random-weight InfiMM and coloured squares
 
 Each query becomes one prompt `<image>TEXT<|endofchunk|><image>TEXT<|endofchunk|>...<image>PROMPT` (the Flamingo
-layout the models were pretrained on); all queries run as one left-padded batch, and each answer ends at the
-`<|endofchunk|>` that closes a chunk in that layout (or at end-of-sequence). Pretrained (non-chat) checkpoints are
+layout the models were pretrained on); all queries run as one batch, and each answer ends at the `<|endofchunk|>`
+that closes a chunk in that layout (or at end-of-sequence). The demonstrations are computed once: their cache is
+expanded to the batch and every query continues it, computing only its own image and tokens (the answers equal
+those of the whole prompts run from scratch). Pretrained (non-chat) checkpoints are
 the ones this suits; chat models answer better through examples/chat.py.
 
 Loading (Hub folders, repo ids, original release snapshots) and the random model come from `generate.py`, next to
@@ -19,8 +21,10 @@ import argparse
 
 import PIL.Image
 import torch
+from transformers import DynamicCache
 
 from generate import RANDOM_WEIGHTS_NOTICE, add_model_arguments, generate_overrides, load, model_or_random
+from infimm import CACHE_ARGUMENT
 
 
 def few_shot_prompt(processor, shot_texts: list[str], prompt: str = "") -> str:
@@ -29,20 +33,46 @@ def few_shot_prompt(processor, shot_texts: list[str], prompt: str = "") -> str:
     return "".join(f"{image}{text}{eoc}" for text in shot_texts) + image + prompt
 
 
-def few_shot(model, processor, shots, queries, prompt: str = "", **generate_kwargs) -> list[str]:
-    """Answers for `queries` (images) after the `(image, text)` `shots`, generated as one batch."""
+def few_shot(model, processor, shots, queries, prompt: str = "", reuse_shots: bool = True, **generate_kwargs):
+    """Answers for `queries` (images) after the `(image, text)` `shots`, generated as one batch.
+
+    With `reuse_shots`, the demonstrations run once and every query continues their cache.
+    """
     shot_images = [image for image, _ in shots]
-    text = few_shot_prompt(processor, [text for _, text in shots], prompt)
+    shot_texts = [text for _, text in shots]
+    text = few_shot_prompt(processor, shot_texts, prompt)
     inputs = processor(
         text=[text] * len(queries), images=[[*shot_images, query] for query in queries], return_tensors="pt"
     ).to(model.device, dtype=model.dtype)
     # A chunk ends at <|endofchunk|>: stop there as well as at the tokenizer's end-of-sequence.
     generate_kwargs.setdefault("eos_token_id", [processor.tokenizer.eos_token_id, processor.eoc_token_id])
     generate_kwargs.setdefault("do_sample", False)  # short completions: greedy (or beams) unless asked otherwise
+    rows = len(queries) * generate_kwargs.get("num_beams", 1)
+    cache = shots_cache(model, processor, shot_images, shot_texts, inputs["input_ids"], rows) if reuse_shots else None
+    reuse = {} if cache is None else {CACHE_ARGUMENT: cache}
     with torch.inference_mode():
-        output = model.generate(**inputs, **generate_kwargs)
+        output = model.generate(**inputs, **reuse, **generate_kwargs)
     answers = processor.batch_decode(output, input_ids=inputs["input_ids"], skip_special_tokens=True)
     return [answer.strip() for answer in answers]
+
+
+def shots_cache(model, processor, shot_images, shot_texts, prompt_ids, rows: int):
+    """The demonstrations' cache, computed once and expanded to `rows` (queries x beams); None when there are no
+    shots, or when the prompts do not start with the demonstrations' tokens (then nothing can be reused)."""
+    if not shot_images:
+        return None
+    prefix = processor(
+        text=["".join(f"{processor.image_token}{text}{processor.eoc_token}" for text in shot_texts)],
+        images=[shot_images], return_tensors="pt",
+    ).to(model.device, dtype=model.dtype)
+    length = prefix["input_ids"].shape[1]
+    if length >= prompt_ids.shape[1] or not bool((prompt_ids[:, :length] == prefix["input_ids"]).all()):
+        return None
+    cache = DynamicCache(config=model.config.text_config)
+    with torch.inference_mode():
+        model.model(**prefix, **{CACHE_ARGUMENT: cache})  # the headless model: no logits are needed
+    cache.batch_repeat_interleave(rows)
+    return cache
 
 
 def parse_args(argv=None):
