@@ -211,7 +211,8 @@ def test_output_folder_is_a_complete_hub_repo(converted, name):
     assert config["auto_map"] == AUTO_MAP
     assert config["architectures"] == ["InfiMMForConditionalGeneration"] and config["model_type"] == "infimm"
     assert "visual" not in config and "vision_config" in config and config["dtype"] == "float32"
-    for code in ("configuration_infimm.py", "modeling_infimm.py", "processing_infimm.py", "device_map_infimm.py"):
+    for code in ("configuration_infimm.py", "modeling_infimm.py", "processing_infimm.py", "device_map_infimm.py",
+                 "release_infimm.py"):
         assert (folder / code).read_bytes() == (REPO / code).read_bytes(), code
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
