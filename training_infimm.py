@@ -15,6 +15,9 @@ Whether IFT trains the LLM is read from the config (`llm_trains_in_ift`): the LL
 Llama-2 (`chat_format == "llama2"`, the `infimm-llama13b` preset, or a Llama text model with `chat_format == "none"`);
 chat-tuned LLMs (Zephyr, Vicuna: `chat_format` `zephyr` / `vicuna`) stay frozen unless `train_llm=True` is asked for.
 
+FSDP2 (`accelerate launch --config_file examples/fsdp.yaml`): `shard_blocks_with_layers` makes each decoder layer
+and its gated cross-attention block one FSDP unit before accelerate shards the rest of the model.
+
 Device maps: `infer_device_map` (from `device_map_infimm`, which ships with the remote code) runs accelerate's
 `infer_auto_device_map`, then places every gated cross-attention block on its decoder layer's device and keeps the
 vision tower on the main device. `meta_model` builds the storage-free model to plan on.
@@ -173,14 +176,20 @@ def count_parameters(model) -> ParameterCount:
 
 
 def weights_checksum(model, trainable_only: bool = True) -> str:
-    """sha256 over parameter names and float32 bytes, in name order: equal on every rank of a correct DDP run."""
+    """sha256 over parameter names and float32 bytes, in name order: equal on every rank of a correct DDP run.
+
+    FSDP2 shards (DTensors) are gathered first, so it is a collective there: every rank must call it.
+    """
     digest = hashlib.sha256()
     named = sorted(_base_model(model).named_parameters(), key=lambda item: item[0])
     for name, param in named:
         if trainable_only and not param.requires_grad:
             continue
+        tensor = param.detach()
+        if hasattr(tensor, "full_tensor"):
+            tensor = tensor.full_tensor()
         digest.update(name.encode())
-        digest.update(param.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest.update(tensor.to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -284,6 +293,84 @@ class ConnectorCheckpointCallback(TrainerCallback):
         return control
 
 
+# ------------------------------------------------------------------------------------------------------ FSDP2
+def fsdp_units(model) -> list[list[nn.Module]]:
+    """Decoder layer i with its cross-attention block (where it has one): the modules that run together.
+
+    Block i runs from a forward pre-hook on decoder layer i, so one FSDP unit holding both gathers their weights
+    with one all-gather, just before the layer runs, and frees them after it.
+    """
+    inner = _base_model(model).model
+    blocks = inner.cross_attention_layers
+    units = []
+    for index, layer in enumerate(inner.language_model.model.layers):
+        units.append([layer, blocks[str(index)]] if str(index) in blocks else [layer])
+    return units
+
+
+def shard_blocks_with_layers(model, accelerator) -> int:
+    """FSDP2: `fully_shard([decoder layer i, its cross-attention block])` for every layer; returns the unit count.
+
+    Call it between `Trainer(...)` and `trainer.train()`. accelerate's own FSDP2 auto-wrap (`fsdp2_prepare_model`)
+    shards one module per matched class, so it would make each block a unit apart from its layer; it skips modules
+    that are already sharded, and wraps the rest (tower, resampler, embeddings, head, root) as the plugin says
+    (the classes named in `fsdp_transformer_layer_cls_to_wrap`, by default the model's `_no_split_modules`). The
+    `fully_shard` settings here are the ones accelerate derives from the same plugin, so all units agree.
+    Frozen and trainable weights may share a unit: FSDP2 gathers both and reduce-scatters gradients only for
+    parameters that have them.
+    """
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if plugin is None or getattr(plugin, "fsdp_version", 1) != 2:
+        raise ValueError(
+            "shard_blocks_with_layers needs FSDP2: launch with `accelerate launch --config_file examples/fsdp.yaml` "
+            "(fsdp_version: 2)."
+        )
+    if plugin.cpu_ram_efficient_loading:
+        # accelerate would then move the model to the meta device and broadcast rank 0's full weights into it,
+        # which it cannot do for units that are already sharded.
+        raise ValueError(
+            "fsdp_cpu_ram_efficient_loading is not supported with the layer + cross-attention units; set it to "
+            "false in the accelerate config (examples/fsdp.yaml does)."
+        )
+    mesh = getattr(accelerator, "torch_device_mesh", None)
+    kwargs = {
+        "reshard_after_forward": plugin.reshard_after_forward,
+        "offload_policy": plugin.cpu_offload,
+        "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+        "mesh": mesh[tuple(accelerator.parallelism_config.fsdp_dim_names)] if mesh is not None else None,
+    }
+    if accelerator.mixed_precision != "no":
+        # As accelerate does before sharding: FSDP2 wants one dtype per unit for trainable weights, kept in fp32
+        # (the policy's param_dtype is the compute dtype).
+        for param in _base_model(model).parameters():
+            if param.requires_grad and param.dtype != torch.float32:
+                param.data = param.data.to(torch.float32)
+    count = 0
+    for unit in fsdp_units(model):
+        if not any(isinstance(module, FSDPModule) for module in unit):
+            fully_shard(unit if len(unit) > 1 else unit[0], **kwargs)
+            count += 1
+    _drop_sharded_classes_from_auto_wrap(model, plugin)
+    return count
+
+
+def _drop_sharded_classes_from_auto_wrap(model, plugin) -> None:
+    """accelerate looks the auto-wrap classes up by class name, and `fully_shard` renames a module's class (to
+    `FSDP<name>`): names left with no unsharded module would fail that lookup, and their modules are units already."""
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    policy = plugin.auto_wrap_policy
+    if getattr(policy, "func", policy) is not transformer_auto_wrap_policy:
+        return
+    names = plugin.transformer_cls_names_to_wrap
+    if names is None:
+        names = list(getattr(model, "_no_split_modules", None) or [])
+    present = {type(module).__name__ for module in model.modules()}
+    plugin.transformer_cls_names_to_wrap = [name for name in names if name in present]
+
+
 # ---------------------------------------------------------------------------------------------------- data
 def load_jsonl(path) -> list[dict]:
     """Rows of a JSONL file (blank lines skipped); errors name the line."""
@@ -337,6 +424,8 @@ __all__ = [
     "save_connector",
     "load_connector",
     "ConnectorCheckpointCallback",
+    "fsdp_units",
+    "shard_blocks_with_layers",
     "load_jsonl",
     "has_text_only_examples",
     "infer_device_map",

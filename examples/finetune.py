@@ -48,8 +48,10 @@ from infimm.training_infimm import (
     load_connector,
     load_jsonl,
     mark_for_remote_code,
+    meta_model,
     recipe,
     save_lora,
+    shard_blocks_with_layers,
     weights_checksum,
 )
 
@@ -207,6 +209,56 @@ def parse_args(argv=None) -> tuple[ScriptArguments, TrainingArguments]:
     return script_args, training_args
 
 
+# ---------------------------------------------------------------------------------------------------- FSDP
+def fsdp_requested(args: TrainingArguments) -> bool:
+    """FSDP asked for by `accelerate launch` (an FSDP config sets ACCELERATE_USE_FSDP) or by `--fsdp`."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" or bool(args.fsdp)
+
+
+def prepare_fsdp(trainer: Trainer, lora: bool) -> bool:
+    """Under FSDP2, shards each decoder layer with its cross-attention block before `train()`; False without FSDP.
+
+    Refuses what would not do what was asked: FSDP asked for but not enabled (accelerate 1.15 enables FSDP only for
+    GPU-type devices; for CPU processes it drops the plugin and the run would be plain DDP), FSDP1, and LoRA.
+    """
+    if not trainer.is_fsdp_enabled:
+        if fsdp_requested(trainer.args):
+            raise ValueError(
+                "FSDP was asked for, but accelerate did not enable it: accelerate enables FSDP only on GPUs (and other "
+                "accelerators), not for CPU processes, where this run would be plain DDP. Run on GPUs, or launch "
+                "without the FSDP config for DDP."
+            )
+        return False
+    plugin = trainer.accelerator.state.fsdp_plugin
+    if plugin.fsdp_version != 2:
+        raise ValueError(
+            f"This script supports FSDP2 only (got fsdp_version {plugin.fsdp_version}): FSDP1 cannot make a decoder "
+            "layer and its cross-attention block one unit. Set `fsdp_version: 2` (as examples/fsdp.yaml does)."
+        )
+    if lora:
+        raise ValueError(
+            "--lora is not supported under FSDP by this script (it merges the adapters into the weights at the end). "
+            "Train LoRA with DDP (torchrun, or accelerate launch without the FSDP config)."
+        )
+    units = shard_blocks_with_layers(trainer.model, trainer.accelerator)
+    if trainer.is_world_process_zero():
+        print(f"FSDP2: {units} units of a decoder layer with its cross-attention block (if any)")
+    return True
+
+
+def save_fsdp_output(trainer: Trainer, processor, folder: Path) -> None:
+    """The full weights, gathered on rank 0, saved as a Hub folder through a storage-free InfiMM instance.
+
+    `Trainer.save_model` would save through the sharded model, whose class is FSDP2's subclass
+    (`FSDPInfiMMForConditionalGeneration`, defined in torch): `auto_map` would name it and torch's files would be copied
+    as the remote code. Whatever `fsdp_state_dict_type` the checkpoints use, this folder holds full weights.
+    """
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)  # a collective: every rank takes part
+    if trainer.is_world_process_zero():
+        config = trainer.model.config
+        save_hub_folder(meta_model(config, dtype=trainer.model.dtype), processor, folder, state_dict=state_dict)
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def main(argv=None):
     script_args, training_args = parse_args(argv)
@@ -250,6 +302,7 @@ def main(argv=None):
         processing_class=processor,
         callbacks=[ConnectorCheckpointCallback()] if script_args.lora else None,
     )
+    fsdp = prepare_fsdp(trainer, script_args.lora)
 
     resume = training_args.resume_from_checkpoint
     if resume in ("last", "latest", "true", "True"):
@@ -259,7 +312,7 @@ def main(argv=None):
                              f"{training_args.output_dir}.")
     if resume and script_args.lora:
         load_connector(model, resume)
-    trainer.train(resume_from_checkpoint=resume)
+    train_result = trainer.train(resume_from_checkpoint=resume)
 
     checksum = weights_checksum(model)
     print(f"[rank {training_args.process_index}] trainable weights sha256 {checksum}")
@@ -274,8 +327,16 @@ def main(argv=None):
         model = model.merge_and_unload()
         if trainer.is_world_process_zero():
             save_hub_folder(model, processor, output_dir)
+    elif fsdp:
+        save_fsdp_output(trainer, processor, output_dir)
     else:
         trainer.save_model(str(output_dir))
+    # What transformers' example scripts leave beside the model: the metrics (train_results.json, all_results.json)
+    # and the Trainer state with the log history (trainer_state.json). Each writes on the main process only.
+    metrics = {**train_result.metrics, "train_samples": len(rows)}
+    trainer.log_metrics("train", metrics)
+    trainer.save_metrics("train", metrics)
+    trainer.save_state()
     trainer.accelerator.wait_for_everyone()
     if trainer.is_world_process_zero():
         print(f"saved to {output_dir}: AutoModelForCausalLM.from_pretrained({str(output_dir)!r}, trust_remote_code=True)")

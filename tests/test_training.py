@@ -8,6 +8,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -248,6 +249,47 @@ def test_lora_resume_from_checkpoint_is_exact(tmp_path):
         straight.model, trainable_only=False)
 
 
+def test_outputs_and_resume_from_checkpoint_continue_the_run(tmp_path):
+    """The run's folder holds what transformers' example scripts leave (trainer_state.json with the log history,
+    train_results.json, all_results.json); a rerun that resumes from the last checkpoint continues at its global step
+    and ends where the uninterrupted run ended."""
+    finetune = _import_finetune()
+    out = tmp_path / "run"
+    common = ["--stage", "pt", "--synthetic", "4", "--max-steps", "3", "--per-device-train-batch-size", "2",
+              "--learning-rate", "1e-2", "--disable-tqdm", "true", "--logging-steps", "1", "--output-dir", str(out),
+              "--save-strategy", "steps", "--save-steps", "1"]
+    straight = finetune.main(common)
+    history = straight.state.log_history
+    losses = {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+    assert sorted(losses) == [1, 2, 3]
+
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and state["log_history"] == history
+    results = json.loads((out / "train_results.json").read_text())
+    summary = history[-1]  # Trainer's own end-of-training entry
+    assert results["train_loss"] == summary["train_loss"] and results["epoch"] == summary["epoch"] == 1.5
+    assert results["train_samples"] == 4 and results["train_runtime"] == summary["train_runtime"]
+    assert json.loads((out / "all_results.json").read_text()) == results
+    weights = training.weights_checksum(straight.model, trainable_only=False)
+
+    # Interrupted after step 1: the later checkpoints never got written. A mark in the checkpoint's log shows that
+    # the rerun takes its state from there (a run from scratch would log step 1 afresh).
+    for step in (2, 3):
+        shutil.rmtree(out / f"checkpoint-{step}")
+    checkpoint_state = json.loads((out / "checkpoint-1" / "trainer_state.json").read_text())
+    checkpoint_state["log_history"][0]["from_checkpoint"] = True
+    (out / "checkpoint-1" / "trainer_state.json").write_text(json.dumps(checkpoint_state))
+    resumed = finetune.main([*common, "--resume-from-checkpoint", "last"])
+    assert resumed.state.global_step == 3
+    assert resumed.state.log_history[0] == {**history[0], "from_checkpoint": True}
+    assert not any(entry.get("from_checkpoint") for entry in resumed.state.log_history[1:])
+    resumed_losses = {entry["step"]: entry["loss"] for entry in resumed.state.log_history if "loss" in entry}
+    assert resumed_losses == losses  # steps 2 and 3 trained again, from the checkpoint's weights and optimiser
+    assert training.weights_checksum(resumed.model, trainable_only=False) == weights
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 3 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3]
+
+
 # ----------------------------------------------------------------------------------- distributed and reload
 RELOAD = textwrap.dedent(
     """
@@ -453,6 +495,63 @@ def test_deepspeed_config_mirrors_the_paper():
 def test_training_arguments_accept_the_deepspeed_config(tmp_path):
     args = TrainingArguments(output_dir=str(tmp_path), deepspeed=str(DEEPSPEED_CONFIG), bf16=True, report_to="none")
     assert args.deepspeed_plugin is not None
+
+
+DEEPSPEED_ZERO3_CONFIG = REPO / "examples" / "deepspeed_zero3.json"
+
+
+def _auto_keys(config, prefix=""):
+    keys = set()
+    for key, value in config.items():
+        if isinstance(value, dict):
+            keys |= _auto_keys(value, f"{prefix}{key}.")
+        elif value == "auto":
+            keys.add(prefix + key)
+    return keys
+
+
+def test_deepspeed_configs_fill_from_each_stage_recipe(tmp_path, monkeypatch):
+    """Both DeepSpeed configs through transformers' own "auto" filling (`HfTrainerDeepSpeedConfig`, as Trainer runs
+    it) with the script's TrainingArguments for every stage: no value may be left "auto" or contradict the recipe.
+
+    DeepSpeed itself is not installed here; without it transformers' class derives from `object`, so accelerate's
+    config parser (its normal base) is mixed back in, and the version check and the global registration are skipped.
+    """
+    from accelerate.utils.deepspeed import HfDeepSpeedConfig
+    import transformers.integrations.deepspeed as hf_deepspeed
+
+    monkeypatch.setattr(hf_deepspeed, "dep_version_check", lambda *args, **kwargs: None)
+    monkeypatch.setattr(hf_deepspeed, "set_hf_deepspeed_config", lambda config: None)
+    filler = type("Filler", (hf_deepspeed.HfTrainerDeepSpeedConfig, HfDeepSpeedConfig), {})
+    finetune = _import_finetune()
+    zero2, zero3 = (json.loads(path.read_text()) for path in (DEEPSPEED_CONFIG, DEEPSPEED_ZERO3_CONFIG))
+    assert zero3["zero_optimization"]["stage"] == 3
+    # Same recipe (precision, optimiser, clipping, batch sizes); only the sharding differs.
+    assert {k: v for k, v in zero3.items() if k != "zero_optimization"} == {
+        k: v for k, v in zero2.items() if k != "zero_optimization"}
+    # Trainer.save_model writes loadable weights under ZeRO-3 only when they are gathered on save.
+    assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert {"zero_optimization.reduce_bucket_size", "zero_optimization.stage3_prefetch_bucket_size",
+            "zero_optimization.stage3_param_persistence_threshold"} <= _auto_keys(zero3)
+
+    model = tiny_model()
+    hidden = model.config.text_config.hidden_size  # InfiMM's config has no top-level hidden_size
+    assert not hasattr(model.config, "hidden_size")
+    for stage in training.STAGES:
+        _, args = finetune.parse_args(["--stage", stage, "--synthetic", "4", "--output-dir", str(tmp_path),
+                                       "--bf16", "true", "--use-cpu", "true"])
+        r = training.recipe(stage)
+        for config in (zero2, zero3):
+            filled = filler(json.loads(json.dumps(config)))
+            filled.trainer_config_process(args)
+            filled.trainer_config_finalize(args, model, num_training_steps=100)  # raises on a contradiction
+            assert _auto_keys(filled.config) == set()
+            assert filled.config["optimizer"]["params"] == {
+                "lr": r.learning_rate, "betas": [r.adam_beta1, r.adam_beta2], "eps": r.adam_epsilon,
+                "weight_decay": r.weight_decay}
+            assert filled.config["gradient_clipping"] == r.max_grad_norm
+        assert filled.config["zero_optimization"]["reduce_bucket_size"] == hidden * hidden
+        assert filled.config["zero_optimization"]["stage3_param_persistence_threshold"] == 10 * hidden
 
 
 # ----------------------------------------------------------------------------------------------- the example
