@@ -174,6 +174,8 @@ def _array_to_pil(array: np.ndarray, channels_first: bool) -> PIL.Image.Image:
                 f"A float image must hold values in [0, 1]; this one spans [{low:g}, {high:g}]. Divide 0-255 data by "
                 "255, or pass it as uint8."
             )
+        if array.dtype == np.float16:
+            array = array.astype(np.float32)  # float16 arithmetic would round x * 255 off the right byte
         array = np.round(array * 255.0).astype(np.uint8)
     elif np.issubdtype(array.dtype, np.integer):
         low, high = int(array.min()), int(array.max())
@@ -317,6 +319,8 @@ class InfiMMImageProcessorFast(_InfiMMImageProcessingMixin, TorchvisionBackend):
     r"""
     Same steps on torch tensors (torchvision resize, batched, runs on GPU with `device=`). Within about 0.03 of the
     exact [`InfiMMImageProcessor`] after normalisation; use it when throughput matters more than bit parity.
+    `AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, use_fast=True)` (or `backend="torchvision"`)
+    loads this class, `use_fast=False` (or `backend="pil"`) the exact one.
     """
 
     _auto_class = "AutoImageProcessor"

@@ -12,6 +12,7 @@ import hashlib
 import functools
 import http.server
 import io
+import re
 import threading
 from pathlib import Path
 
@@ -426,6 +427,160 @@ def test_image_count_errors_name_both_counts(small_processor):
         small_processor(text=["<image>a"], images=[[image], [image]])
     with pytest.raises(ValueError, match="mixes single images and lists"):
         small_processor(text=["<image>a<image>"], images=[image, [image]])
+
+
+def _truncated_jpeg() -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(noise(200, 200, seed=10)).save(buffer, format="JPEG")
+    return buffer.getvalue()[: len(buffer.getvalue()) // 2]
+
+
+TRUNCATED = r"is truncated.*Re-download or re-save.*LOAD_TRUNCATED_IMAGES"
+EMPTY = r"is empty"
+NOT_AN_IMAGE = r"does not recognise it as an image.*re-save"
+
+
+@pytest.fixture(scope="module")
+def broken_files(image_server):
+    """The same broken files on disk and behind the local HTTP server."""
+    url, folder = image_server
+    (folder / "truncated.jpg").write_bytes(_truncated_jpeg())
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "garbage.png").write_bytes(b"not an image at all" * 10)
+    return url, folder
+
+
+BROKEN = {"truncated.jpg": TRUNCATED, "empty.jpg": EMPTY, "garbage.png": NOT_AN_IMAGE}
+
+
+# A PIL image exists only for the truncated file: Pillow cannot open an empty or non-image file at all.
+@pytest.mark.parametrize("way_in, name", [(way, name) for way in ("path", "url", "data_uri") for name in BROKEN]
+                         + [("pil", "truncated.jpg")])
+def test_broken_files_give_one_clear_error_however_they_arrive(small_processor, broken_files, way_in, name):
+    import base64
+
+    url, folder = broken_files
+    message = BROKEN[name]
+    if way_in == "pil":
+        image = Image.open(folder / name)  # opens (the header is fine); Pillow decodes later
+    else:
+        data = (folder / name).read_bytes()
+        image = {"path": str(folder / name), "url": f"{url}/{name}",
+                 "data_uri": "data:image/jpeg;base64," + base64.b64encode(data).decode()}[way_in]
+    with pytest.raises(ValueError, match=rf"Image 0 of text 0: Could not read the image .*{message}"):
+        small_processor(text="<image>", images=[image])
+    with pytest.raises(ValueError, match=message):  # the image processor alone says the same
+        small_processor.image_processor(image)
+
+
+def test_truncated_image_fix_named_in_the_error_works(small_processor, broken_files, monkeypatch):
+    import PIL.ImageFile
+
+    _, folder = broken_files
+    monkeypatch.setattr(PIL.ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    partial = Image.open(folder / "truncated.jpg")
+    partial.load()
+    out = small_processor(text="<image>", images=[Image.open(folder / "truncated.jpg")], return_tensors="pt")
+    torch.testing.assert_close(out["pixel_values"][0, 0], reference_pixels(partial, 28), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: np.zeros((0,), np.uint8), "is empty: it has zero width or height"),
+    (lambda: torch.zeros(3, 0, 5), "is empty: it has zero width or height"),
+    (lambda: np.zeros((5, 6, 2), np.uint8), "no channel axis of size 1, 3 or 4"),
+    (lambda: torch.zeros(2, 5, 6), "no channel axis of size 1, 3 or 4"),
+    (lambda: np.zeros((5, 6, 3), np.complex64), "Unsupported image array dtype complex64"),
+    (lambda: torch.zeros(3, 5, 6, dtype=torch.complex64), "Unsupported image array dtype complex64"),
+    (lambda: np.array([[["a"] * 3] * 4] * 4), "Unsupported image array dtype <U1"),
+    (lambda: np.full((5, 6, 3), np.nan, np.float32), "NaN or infinite"),
+    (lambda: torch.full((3, 5, 6), float("inf")), "NaN or infinite"),
+    (lambda: np.full((5, 6, 3), 300, np.uint16), "8-bit values"),
+])
+def test_bad_arrays_and_tensors_name_the_problem(small_processor, make, message):
+    with pytest.raises(ValueError, match=rf"Image 0 of text 0: .*{re.escape(message)}"):
+        small_processor(text="<image>", images=[make()])
+
+
+def test_low_precision_tensors_are_accepted():
+    """bfloat16 has no numpy dtype; such tensors are read as float32 (which holds their values exactly)."""
+    processor = InfiMMImageProcessor(image_size=28)
+    image = torch.rand(3, 40, 30).to(torch.bfloat16)
+    as_uint8 = np.round(image.float().permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+    for tensor in (image, image.to(torch.float16)):
+        out = processor(tensor, return_tensors="pt")["pixel_values"][0]
+        torch.testing.assert_close(out, reference_pixels(Image.fromarray(as_uint8), 28), atol=1e-6, rtol=0)
+
+
+def test_url_that_is_not_an_image_says_what_the_server_sent(small_processor, broken_files):
+    url, folder = broken_files
+    (folder / "page.html").write_text("<html>moved</html>")
+    with pytest.raises(ValueError, match=r"does not recognise it as an image \(the server sent 'text/html'\)"):
+        small_processor(text="<image>", images=[f"{url}/page.html"])
+
+
+def _lmms_eval_generate_until_inputs(processor, docs, system_prompt=None):
+    """What lmms-eval 0.7.3's generic chat model (`lmms_eval/models/chat/huggingface.py`, `generate_until`) does with
+    the processor, call for call: messages in the form of `ChatMessages.to_hf_messages()`, the system prompt as
+    `_apply_system_prompt` adds it, one `apply_chat_template(msg, tokenize=False, add_generation_prompt=True)` per
+    doc, then one processor call with the batch's images flattened and `videos` / `audios` as empty lists."""
+    batched_messages, images = [], []
+    for doc_images, question in docs:
+        messages = [{"role": "user", "content": [*({"type": "image", "image": image} for image in doc_images),
+                                                 {"type": "text", "text": question}]}]
+        if system_prompt:
+            messages.insert(0, {"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+        batched_messages.append(messages)
+        images.extend(doc_images)
+    texts = [processor.apply_chat_template(msg, tokenize=False, add_generation_prompt=True) for msg in batched_messages]
+    kwargs = {"images": images, "videos": [], "audios": []}
+    return texts, processor(text=texts, padding=True, return_tensors="pt", **kwargs)
+
+
+@pytest.mark.parametrize("chat_format", ["zephyr", "llama2"])
+def test_lmms_eval_generic_model_call_shape(tokenizer, logo, chart, chat_format):
+    config = InfiMMConfig.from_preset("infimm-zephyr", chat_format=chat_format,
+                                      vision_config={"model_args": {"img_size": 28}})
+    processor = InfiMMProcessor.from_config(config, copy.deepcopy(tokenizer))
+    docs = [([logo], "What is this?"), ([], "No image, just text."), ([chart, logo], "Compare.")]
+    texts, inputs = _lmms_eval_generate_until_inputs(processor, docs, system_prompt="Be brief.")
+    hand = {
+        "zephyr": ["<|system|>\nBe brief.</s>\n<|user|>\n<|endofchunk|><image>What is this?</s>\n<|assistant|>\n",
+                   "<|system|>\nBe brief.</s>\n<|user|>\nNo image, just text.</s>\n<|assistant|>\n",
+                   "<|system|>\nBe brief.</s>\n<|user|>\n<|endofchunk|><image><|endofchunk|><image>Compare.</s>\n"
+                   "<|assistant|>\n"],
+        "llama2": ["<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n<|endofchunk|><image>What is this? [/INST]",
+                   "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nNo image, just text. [/INST]",
+                   "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\n<|endofchunk|><image><|endofchunk|><image>Compare. [/INST]"],
+    }[chat_format]
+    assert texts == hand
+    width = inputs["input_ids"].shape[1]
+    for row, prompt in enumerate(hand):
+        # one `<s>`: the Llama-2 prompt writes its own, so the tokenizer must not add a second
+        ids = tokenizer(prompt, add_special_tokens=chat_format != "llama2").input_ids
+        assert ids.count(1) == 1
+        assert inputs["input_ids"][row].tolist() == [tokenizer.pad_token_id] * (width - len(ids)) + ids
+    assert inputs["image_mask"].tolist() == [[True, False], [False, False], [True, True]]
+    for (row, slot), image in {(0, 0): logo, (2, 0): chart, (2, 1): logo}.items():
+        torch.testing.assert_close(inputs["pixel_values"][row, slot], reference_pixels(image, 28), atol=1e-6, rtol=0)
+    # lmms-eval then decodes the new tokens like this
+    answer = tokenizer("Hello world", add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    assert processor.batch_decode([answer], skip_special_tokens=True, clean_up_tokenization_spaces=False) == [
+        "Hello world"]
+
+
+def test_empty_videos_and_audio_are_accepted_and_others_refused(small_processor):
+    image = Image.new("RGB", (8, 8))
+    plain = small_processor(text="<image>hi", images=[image], return_tensors="pt")
+    for empty in ({"videos": [], "audio": []}, {"videos": [], "audios": []}, {"videos": None, "audio": None},
+                  {"videos": [[]], "audios": [[], []]}):
+        out = small_processor(text="<image>hi", images=[image], return_tensors="pt", **empty)
+        assert out.keys() == plain.keys()
+        for key in plain:
+            torch.testing.assert_close(out[key], plain[key])
+    for name, value in (("videos", [np.zeros((2, 4, 4, 3))]), ("audio", [np.zeros(16000)]),
+                        ("audios", [np.zeros(16000)])):
+        with pytest.raises(ValueError, match=rf"images and text only; `{name}` is not empty.*video frames as images"):
+            small_processor(text="hi", **{name: value})
 
 
 def test_unreadable_truncated_and_missing_files(small_processor, tmp_path):

@@ -51,6 +51,20 @@ _SCRIPT = textwrap.dedent(
     report["image_mask"] = inputs["image_mask"].tolist()
     np.save(out + "/pixels.npy", inputs["pixel_values"].numpy())
 
+    import transformers.models.auto.image_processing_auto as image_processing_auto
+    from transformers import AutoImageProcessor
+
+    choices = {"use_fast=True": {"use_fast": True}, "use_fast=False": {"use_fast": False}, "default": {}}
+    if hasattr(image_processing_auto, "_resolve_backend"):  # transformers with the `backend=` argument
+        choices.update({"backend=torchvision": {"backend": "torchvision"}, "backend=pil": {"backend": "pil"}})
+    report["image_processors"] = {}
+    for label, kwargs in choices.items():
+        image_processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, **kwargs)
+        report["image_processors"][label] = [type(image_processor).__module__, type(image_processor).__name__,
+                                             dict(image_processor.crop_size)]
+        pixels = image_processor(Image.open(logo), return_tensors="pt")["pixel_values"]
+        np.save(out + f"/pixels-{label}.npy", pixels.numpy())
+
     report["auto"] = {
         "config": type(AutoConfig.from_pretrained(folder, trust_remote_code=True)).__name__,
         "model": type(AutoModel.from_pretrained(folder, trust_remote_code=True)).__name__,
@@ -96,6 +110,7 @@ def fresh_report(hub_folder, tmp_path_factory):
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((workdir / "report.json").read_text())
     report["pixels"] = np.load(workdir / "pixels.npy")
+    report["workdir"] = workdir
     return report
 
 
@@ -112,7 +127,9 @@ def test_folder_layout(hub_folder):
     }
     processor_config = json.loads((hub_folder / "processor_config.json").read_text())
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_infimm.InfiMMProcessor"
-    assert processor_config["image_processor"]["auto_map"]["AutoImageProcessor"] == "processing_infimm.InfiMMImageProcessor"
+    # a (PIL, torchvision) pair, so `use_fast` / `backend` can pick either class
+    assert processor_config["image_processor"]["auto_map"]["AutoImageProcessor"] == [
+        "processing_infimm.InfiMMImageProcessor", "processing_infimm.InfiMMImageProcessorFast"]
     assert processor_config["image_processor"]["crop_size"] == {"height": 28, "width": 28}
     assert "<|endofchunk|><image>" in (hub_folder / "chat_template.jinja").read_text()
     # remote code may import this project only relatively
@@ -129,6 +146,25 @@ def test_fresh_process_loads_processor_without_the_package(fresh_report):
     assert fresh_report["image_mask"] == [[True]]
     expected = reference_pixels(Image.open(LOGO), 28).numpy()
     np.testing.assert_allclose(fresh_report["pixels"][0, 0], expected, atol=1e-6, rtol=0)
+
+
+def test_fresh_process_auto_image_processor_picks_the_backend(fresh_report):
+    import transformers.models.auto.image_processing_auto as image_processing_auto
+
+    chosen = {label: name for label, (module, name, _) in fresh_report["image_processors"].items()}
+    expected = {"use_fast=True": "InfiMMImageProcessorFast", "use_fast=False": "InfiMMImageProcessor"}
+    if hasattr(image_processing_auto, "_resolve_backend"):
+        expected.update({"backend=torchvision": "InfiMMImageProcessorFast", "backend=pil": "InfiMMImageProcessor",
+                         # transformers 5 picks torchvision when nothing is asked (and torchvision is installed)
+                         "default": "InfiMMImageProcessorFast"})
+    assert {label: chosen[label] for label in expected} == expected
+    for label, (module, _, crop_size) in fresh_report["image_processors"].items():
+        assert module.startswith("transformers_modules.") and crop_size == {"height": 28, "width": 28}, label
+    reference = reference_pixels(Image.open(LOGO), 28).numpy()
+    for label, name in chosen.items():
+        pixels = np.load(fresh_report["workdir"] / f"pixels-{label}.npy")[0]
+        # exact for the PIL class; the torchvision class stays within its documented 0.035
+        np.testing.assert_allclose(pixels, reference, atol=1e-6 if name == "InfiMMImageProcessor" else 0.035, rtol=0)
 
 
 def test_fresh_process_loads_every_auto_class(fresh_report):
