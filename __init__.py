@@ -21,4 +21,14 @@ __all__ = [
     "InfiMMImageProcessor",
     "InfiMMImageProcessorFast",
     "InfiMMDataCollator",
+    "InfiMMImageTextToTextPipeline",
 ]
+
+
+def __getattr__(name):
+    # The pipeline class imports `transformers.pipelines` (over a second); load it only when asked for.
+    if name == "InfiMMImageTextToTextPipeline":
+        from .pipeline_infimm import InfiMMImageTextToTextPipeline
+
+        return InfiMMImageTextToTextPipeline
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

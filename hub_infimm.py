@@ -2,13 +2,19 @@
 
 A folder written by `save_hub_folder` loads anywhere with `trust_remote_code=True`, without this package:
 `config.json` maps AutoConfig, AutoModel, AutoModelForCausalLM and AutoModelForImageTextToText to the copied
-`configuration_infimm.py` / `modeling_infimm.py`, and `processor_config.json` maps AutoProcessor and
-AutoImageProcessor to the copied `processing_infimm.py`. This module is part of the package only; it is not copied.
+`configuration_infimm.py` / `modeling_infimm.py`, `processor_config.json` maps AutoProcessor and
+AutoImageProcessor to the copied `processing_infimm.py`, and `config.json`'s `custom_pipelines` points the
+`image-text-to-text` pipeline at the copied `pipeline_infimm.py` (batches mixing numbers of images). This module is
+part of the package only; it is not copied.
 """
 
+import sys
 from pathlib import Path
 
 from transformers import AutoTokenizer
+from transformers.dynamic_module_utils import custom_object_save, get_relative_import_files
+
+from .pipeline_infimm import CUSTOM_PIPELINE_ENTRY, PIPELINE_TASK, InfiMMImageTextToTextPipeline
 
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -38,10 +44,36 @@ def sample_image_path() -> Path:
 
 def mark_for_remote_code(model) -> None:
     """Makes `model.save_pretrained` write the full `auto_map` and copy the `.py` files (also for checkpoints
-    that Trainer saves), so the folder loads with any InfiMM auto class and `trust_remote_code=True`."""
+    that Trainer saves), so the folder loads with any InfiMM auto class and `trust_remote_code=True`.
+
+    The config names the batching pipeline only if `pipeline_infimm.py` is among the files `save_pretrained` copies
+    (the model code's relative imports): a config pointing at a file the folder lacks would break `pipeline()`.
+    """
     type(model.config).register_for_auto_class()
     type(model).register_for_auto_class("AutoModelForImageTextToText")
     model.config.auto_map = {**(getattr(model.config, "auto_map", None) or {}), **AUTO_MAP}
+    _set_custom_pipeline(model.config, _pipeline_travels_with(model))
+
+
+def _pipeline_travels_with(model) -> bool:
+    """Whether `model.save_pretrained` copies `pipeline_infimm.py` (a relative import of the model's code)."""
+    module_file = getattr(sys.modules.get(type(model).__module__), "__file__", None)
+    if module_file is None:
+        return False
+    return any(Path(name).name == "pipeline_infimm.py" for name in get_relative_import_files(module_file))
+
+
+def _set_custom_pipeline(config, present: bool) -> None:
+    """Adds (or removes) this package's `image-text-to-text` entry in `config.custom_pipelines`; others stay."""
+    pipelines = dict(getattr(config, "custom_pipelines", None) or {})
+    if present:
+        pipelines[PIPELINE_TASK] = {**CUSTOM_PIPELINE_ENTRY, "pt": list(CUSTOM_PIPELINE_ENTRY["pt"])}
+    elif (pipelines.get(PIPELINE_TASK) or {}).get("impl") == CUSTOM_PIPELINE_ENTRY["impl"]:
+        del pipelines[PIPELINE_TASK]
+    if pipelines:
+        config.custom_pipelines = pipelines
+    elif hasattr(config, "custom_pipelines"):
+        del config.custom_pipelines
 
 
 def save_hub_folder(model, processor, folder, **save_kwargs) -> Path:
@@ -51,9 +83,18 @@ def save_hub_folder(model, processor, folder, **save_kwargs) -> Path:
     """
     folder = Path(folder)
     mark_for_remote_code(model)
+    # The folder always gets the batching pipeline: its file is copied below. The in-memory config is restored so
+    # that a later plain `save_pretrained`, which may not copy that file, does not point at it.
+    travels = _pipeline_travels_with(model)
+    _set_custom_pipeline(model.config, True)
+    try:
+        model.save_pretrained(folder, **save_kwargs)
+    finally:
+        _set_custom_pipeline(model.config, travels)
+    custom_object_save(InfiMMImageTextToTextPipeline, folder)
+
     type(processor).register_for_auto_class()
     type(processor.image_processor).register_for_auto_class("AutoImageProcessor")
-    model.save_pretrained(folder, **save_kwargs)
     processor.save_pretrained(folder)
     return folder
 
