@@ -1,4 +1,5 @@
-"""Smoke test of `benchmarks/decode.py`: a tiny config end to end, every system and case in the table (no timings)."""
+"""Smoke test of `benchmarks/decode.py` on a tiny config, end to end (structure, not timings): every system and case
+in the table; the report is written again from its results JSON alone and must come out the same."""
 
 import json
 import os
@@ -9,22 +10,44 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "benchmarks" / "decode.py"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
 SYSTEMS = ("infimm", "bare", "idefics", "llava")
 LABELS = ("InfiMM (this package)", "bare LM (Mistral)", "IDEFICS (transformers)", "LLaVA-style (transformers)")
 CASES = [(0, 1), (1, 1), (2, 1), (4, 1), (8, 1), (1, 4)]  # (images, batch)
 
 
+def _run(command, tmp_path, timeout):
+    proc = subprocess.run([sys.executable, *command], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def _table_lines(text, first_header):
+    """The body lines of the markdown table whose header starts with `first_header`."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    body = []
+    for line in lines[start + 2:]:
+        if not line.startswith("| "):
+            break
+        body.append([cell.strip() for cell in line.strip("|").split("|")])
+    return body
+
+
+def _rewritten_from_json(script, tmp_path, stem):
+    """The report written again from the run's JSON (no run): the same markdown."""
+    again = tmp_path / "again"
+    _run([script, "--from-json", str(tmp_path / "results.json"), "--out-dir", str(again)], tmp_path, 120)
+    assert (again / f"{stem}.md").read_text() == (tmp_path / f"{stem}.md").read_text()
+    assert (again / f"{stem}.png").stat().st_size > 1000
+
+
 @pytest.mark.slow
 def test_decode_benchmark_tiny_runs_every_system_and_case(tmp_path):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--tiny", "--quick", "--threads", "1", "--out-dir", str(tmp_path),
-         "--json", str(tmp_path / "results.json")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    proc = _run(["benchmarks/decode.py", "--tiny", "--quick", "--threads", "1", "--out-dir", str(tmp_path),
+                 "--json", str(tmp_path / "results.json")], tmp_path, 300)
 
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["errors"] == {}
@@ -42,8 +65,10 @@ def test_decode_benchmark_tiny_runs_every_system_and_case(tmp_path):
     # The printed table and the markdown file hold one line per system and case.
     markdown = (tmp_path / "decode.md").read_text()
     for text in (proc.stdout, markdown):
-        table = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| system")]
-        cells = {tuple(c.strip() for c in line.strip("|").split("|")[:3]) for line in table}
+        cells = {tuple(row[:3]) for row in _table_lines(text, "system")}
         assert cells == {(label, str(n), str(b)) for label in LABELS for n, b in CASES}
     assert "- CPU: " in markdown and "## Targets" in markdown
+    assert "python benchmarks/decode.py --tiny --quick --threads 1    # this table and plot" in markdown
     assert (tmp_path / "decode.png").stat().st_size > 1000
+    _rewritten_from_json("benchmarks/decode.py", tmp_path, "decode")
+
