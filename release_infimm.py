@@ -283,6 +283,7 @@ TOP_LEVEL_DROPPED = {
     "auto_map": "the release's remote-code modules; this package's config names its own",
     "model_type": "the release's label (`infimm-zephyr`); this package's config is `infimm`",
     "transformers_version": "the version that wrote the file",
+    "_commit_hash": "added by older transformers 5.x while reading: the Hub revision the file came from",
     "seq_length": "the training sequence length; at inference the LLM's `max_position_embeddings` is the bound",
     "tokenizer_type": "the class the training scripts loaded the tokenizer with; the tokenizer files decide",
     "use_flash_attn": "an attention kernel, the same math; choose one with `attn_implementation` when loading",
