@@ -450,6 +450,15 @@ def test_vision_checkpoint_for_another_image_size_is_refused(sources, tmp_path, 
            tmp_path / "out", "pos_embed", "another image or patch size")
 
 
+def test_release_config_the_tower_cannot_express_stops_the_conversion(sources, tmp_path, capsys):
+    # Without `intp_freq` the release's 16x16 rotary table fits only a 16x16 patch grid, not this tower's 2x2.
+    config = json.loads((sources["snapshot"] / "config.json").read_text())
+    config["visual"]["intp_freq"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _fails(capsys, ["--input", str(sources["deepspeed"]), "--config", str(tmp_path / "config.json")],
+           tmp_path / "out", "visual.pt_hw_seq_len", "intp_freq")
+
+
 def test_trainable_only_checkpoint_points_to_parts_mode(sources, tmp_path, capsys):
     _fails(capsys, ["--input", str(sources["connector"]), *_config(sources)], tmp_path / "out",
            "--llm DIR --vision FILE --connector FILE")
