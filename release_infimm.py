@@ -106,7 +106,7 @@ def visual_to_vision_config(visual) -> dict:
     `image_size` -> img_size; `patch_size` -> patch_size; `width` -> embed_dim; `layers` -> depth;
     `head_width` -> num_heads = width / head_width; `mlp_ratio` -> mlp_ratio (both compute the hidden width as
     int(width * mlp_ratio)); `qkv_bias` -> qkv_bias (q and v biases, no k bias, in both); `ls_init_value` ->
-    init_values (layer scale gamma_1 / gamma_2); `rope` -> use_rot_pos_emb; `pt_hw_seq_len` and `intp_freq` ->
+    init_values (layer scale gamma_1 / gamma_2 when above 0, none otherwise, as in EVA-CLIP's blocks); `rope` -> use_rot_pos_emb; `pt_hw_seq_len` and `intp_freq` ->
     ref_feat_shape; `postnorm` -> use_post_norm; `naiveswiglu` -> swiglu_mlp; `subln` -> scale_mlp and
     scale_attn_inner (the LayerNorms before the MLP's and the attention's output projections) and qkv_fused=False
     (EVA-CLIP keeps separate q/k/v projections exactly when `subln`, a fused qkv otherwise: the layout decides the
@@ -182,12 +182,13 @@ def visual_to_vision_config(visual) -> dict:
 
     ls_init_value = fields["ls_init_value"]
     if ls_init_value is not None:
-        if isinstance(ls_init_value, bool) or not isinstance(ls_init_value, numbers.Real) or ls_init_value <= 0:
-            raise _visual_error("ls_init_value", ls_init_value, "it must be a positive number, or null for no layer "
-                                "scale")
-        if postnorm:
-            raise _visual_error("ls_init_value", ls_init_value, "timm's post-norm EVA block has no layer scale, so a "
-                                "`postnorm` tower must have null here")
+        if isinstance(ls_init_value, bool) or not isinstance(ls_init_value, numbers.Real):
+            raise _visual_error("ls_init_value", ls_init_value, "it must be a number, or null for no layer scale")
+        # EVA-CLIP's blocks get layer scale (gamma_1 / gamma_2) only for a value above 0.
+        ls_init_value = ls_init_value if ls_init_value > 0 else None
+    if ls_init_value is not None and postnorm:
+        raise _visual_error("ls_init_value", ls_init_value, "timm's post-norm EVA block has no layer scale, so a "
+                            "`postnorm` tower must have null (or 0) here")
     if postnorm and naiveswiglu and not subln:
         raise _visual_error("naiveswiglu", True, "with `postnorm` true and `subln` false timm packs the SwiGLU input "
                             "projections into one matrix, which the release's separate w1 / w2 cannot be renamed "

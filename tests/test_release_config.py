@@ -118,6 +118,11 @@ def _qkv(attn):
     return attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight, attn.q_proj.bias, attn.v_proj.bias
 
 
+def _layer_scale(v: dict) -> bool:
+    """EVA-CLIP's blocks get gamma_1 / gamma_2 only for an `ls_init_value` above 0."""
+    return v["ls_init_value"] is not None and v["ls_init_value"] > 0
+
+
 def eva_clip_tokens(tower, pixels, visual: dict):
     """EVA-CLIP's forward up to the last block (the release's math), driven by the release fields `visual` (defaults
     applied) and reading the weights off `tower`: every token, final norm not applied."""
@@ -156,7 +161,7 @@ def eva_clip_tokens(tower, pixels, visual: dict):
         if v["postnorm"]:
             x = x + _ln(attention(block, x), block.norm1)
             x = x + _ln(mlp(block, x), block.norm2)
-        elif v["ls_init_value"] is not None:
+        elif _layer_scale(v):
             x = x + block.gamma_1 * attention(block, _ln(x, block.norm1))
             x = x + block.gamma_2 * mlp(block, _ln(x, block.norm2))
         else:
@@ -198,7 +203,7 @@ def check_structure(tower, visual: dict):
         else:
             assert mlp.fc1.out_features == hidden and isinstance(mlp.act, nn.GELU)
         assert mlp.fc2.in_features == hidden
-        assert (getattr(block, "gamma_1", None) is not None) == (v["ls_init_value"] is not None)
+        assert (getattr(block, "gamma_1", None) is not None) == _layer_scale(v)
         for norm in (block.norm1, block.norm2):
             assert isinstance(norm, nn.LayerNorm) and norm.eps == EPS
 
@@ -224,6 +229,7 @@ FIELD_CASES = {
     "qkv_bias_false": {"qkv_bias": False},
     "qkv_bias_false_fused": {"qkv_bias": False, "subln": False},
     "ls_init_value": {"ls_init_value": 0.1},
+    "ls_init_value_zero": {"ls_init_value": 0.0},  # EVA-CLIP: no layer scale
 }
 
 
@@ -361,7 +367,7 @@ REFUSED_VISUAL = [
     ({"layers": [3, 4, 6, 3]}, "layers"),  # a ResNet's
     ({"mlp_ratio": "4"}, "mlp_ratio"),
     ({"rope": "yes"}, "rope"),
-    ({"ls_init_value": 0.0}, "ls_init_value"),
+    ({"ls_init_value": "1e-5"}, "ls_init_value"),
     ({"ls_init_value": 0.1, "postnorm": True}, "ls_init_value"),
     ({"postnorm": True, "subln": False}, "naiveswiglu"),
     ({"timm_model_name": "vit_base_patch16_224"}, "timm_model_name"),
