@@ -102,15 +102,16 @@ def _flag(visual: dict, key: str) -> bool:
 def visual_to_vision_config(visual) -> dict:
     """The release's `visual` block as this package's `vision_config` (timm architecture + `model_args`).
 
-    How each field maps onto `timm.models.eva.Eva` (EVA-CLIP `EVAVisionTransformer` argument in brackets):
-    `image_size` -> img_size; `patch_size` -> patch_size; `width` -> embed_dim; `layers` -> depth;
-    `head_width` -> num_heads = width / head_width; `mlp_ratio` -> mlp_ratio (both compute the hidden width as
-    int(width * mlp_ratio)); `qkv_bias` -> qkv_bias (q and v biases, no k bias, in both); `ls_init_value` ->
-    init_values (layer scale gamma_1 / gamma_2 when above 0, none otherwise, as in EVA-CLIP's blocks); `rope` -> use_rot_pos_emb; `pt_hw_seq_len` and `intp_freq` ->
-    ref_feat_shape; `postnorm` -> use_post_norm; `naiveswiglu` -> swiglu_mlp; `subln` -> scale_mlp and
-    scale_attn_inner (the LayerNorms before the MLP's and the attention's output projections) and qkv_fused=False
-    (EVA-CLIP keeps separate q/k/v projections exactly when `subln`, a fused qkv otherwise: the layout decides the
-    checkpoint's key names). Every argument is set, so no default of the named architecture leaks in.
+    Each field -> the argument of `timm.models.eva.Eva` that computes what EVA-CLIP's `EVAVisionTransformer` does
+    with it: `image_size` -> img_size; `patch_size` -> patch_size; `width` -> embed_dim; `layers` -> depth;
+    `head_width` -> num_heads = width / head_width; `mlp_ratio` -> mlp_ratio (both take int(width * mlp_ratio)
+    as the hidden width); `qkv_bias` -> qkv_bias (q and v biases, no k bias, in both); `ls_init_value` ->
+    init_values (layer scale gamma_1 / gamma_2, only for a value above 0 as in EVA-CLIP's blocks); `rope` ->
+    use_rot_pos_emb; `pt_hw_seq_len` and `intp_freq` -> ref_feat_shape; `postnorm` -> use_post_norm;
+    `naiveswiglu` -> swiglu_mlp; `subln` -> scale_mlp and scale_attn_inner (the LayerNorms before the MLP's and
+    the attention's output projections) and qkv_fused=False (EVA-CLIP keeps separate q/k/v projections exactly
+    when `subln`, one fused qkv otherwise: the layout decides the checkpoint's key names). Every argument is set,
+    so no default of the named architecture leaks in.
     """
     if not isinstance(visual, dict):
         raise ValueError(f"Release config `visual` must be a JSON object; got {type(visual).__name__}.")

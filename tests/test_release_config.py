@@ -10,7 +10,6 @@ End to end, a tiny release snapshot with a non-default rotary reference grid con
 as remote code in a process without the package.
 """
 
-import copy
 import json
 import os
 import subprocess
