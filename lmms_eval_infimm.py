@@ -6,7 +6,8 @@ folder or Hub repo works, with or without this package's classes. It is a "simpl
 the task's text and a `doc_to_visual` callable that returns the document's images.
 
 Prompts: the task text becomes one user turn of the model's chat template with the images before the text (or, where
-the text holds exactly one `<image>` per image, at those places); `use_chat_template=False`, or a processor without
+the text holds exactly one `<image>` per image, at those places; other `<image>` placeholders are read as the word
+"image"); `use_chat_template=False`, or a processor without
 a chat template, gives the Flamingo pretraining layout (`<image>...<image>text`) instead. Generation follows the
 request's `until`, `max_new_tokens`, `temperature`, `do_sample`, `top_p`, `num_beams`; log-likelihoods score the
 continuation after the assistant prompt, for multiple-choice tasks.
@@ -21,7 +22,7 @@ from tqdm import tqdm
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from lmms_eval import utils as lmms_utils
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 
 
@@ -44,6 +45,29 @@ def lmms_eval_manifest():
     from lmms_eval.models.registry_v2 import ModelManifest
 
     return ModelManifest(model_id=MODEL_NAME, simple_class_path=f"{__name__}.InfiMM")
+
+
+class LoglikelihoodResult(tuple, GenerationResult):
+    """`(logprob, is_greedy)`: a plain tuple to every caller, and one the lmms-eval 0.7.3 evaluator keeps whole.
+
+    The evaluator passes every response through `unwrap_generation_output`, which keeps strings and
+    `GenerationResult.text` but turns any other object, a `(float, bool)` tuple included, into its `str()`; multiple-
+    choice scoring then fails on the string. As a `GenerationResult` whose `text` is the tuple itself, the pair
+    reaches the task intact.
+    """
+
+    def __new__(cls, logprob: float, is_greedy: bool):
+        return tuple.__new__(cls, (float(logprob), bool(is_greedy)))
+
+    def __init__(self, logprob: float, is_greedy: bool):  # the dataclass `__init__` would set fields
+        pass
+
+    def __getnewargs__(self):  # pickling and copies (the response cache, multiprocessing)
+        return self[0], self[1]
+
+    text = property(lambda self: (self[0], self[1]))
+    token_counts = None
+    __eq__, __hash__, __repr__ = tuple.__eq__, tuple.__hash__, tuple.__repr__
 
 
 def _as_bool(value) -> bool:
@@ -218,11 +242,14 @@ class InfiMM(lmms):
     def _prompt(self, context: str, images: list) -> str:
         """The prompt text: one user turn of the chat template (or the Flamingo layout), ready for the processor."""
         count = context.count(IMAGE_TOKEN)
-        if count not in (0, len(images)):
-            raise ValueError(
-                f"The task text has {count} `<image>` placeholder(s) but the document has {len(images)} image(s); "
-                "give one `<image>` per image or none (the images then go before the text)."
+        if count and count != len(images):
+            # MMMU's interleaved format, for one, names an image once per mention: the images then go first and
+            # the placeholders become plain words (left as they are, each would be read as one more image).
+            logger.warning(
+                "The task text has %d `<image>` placeholder(s) for %d image(s); the images go before the text and "
+                "the placeholders are read as the word 'image'.", count, len(images),
             )
+            context, count = context.replace(IMAGE_TOKEN, "image"), 0
         if count:
             pieces = context.split(IMAGE_TOKEN)
         else:
@@ -321,14 +348,14 @@ class InfiMM(lmms):
             length = int(inputs["attention_mask"][row].sum())
             targets = inputs["input_ids"][row, prompt_length:length]
             if targets.numel() == 0:
-                results.append((0.0, True))
+                results.append(LoglikelihoodResult(0.0, True))
                 continue
             # logits at position t predict token t + 1
             row_logits = logits[row, prompt_length - 1 : length - 1]
             log_probs = torch.log_softmax(row_logits, dim=-1)
             total = log_probs.gather(-1, targets[:, None]).sum()
             greedy = bool((row_logits.argmax(-1) == targets).all())
-            results.append((float(total), greedy))
+            results.append(LoglikelihoodResult(total, greedy))
         return results
 
 
@@ -349,4 +376,4 @@ def _cut_at(text: str, until: list[str]) -> str:
     return text
 
 
-__all__ = ["InfiMM", "lmms_eval_manifest"]
+__all__ = ["InfiMM", "LoglikelihoodResult", "lmms_eval_manifest"]

@@ -17,7 +17,7 @@ from PIL import Image
 from conftest import IMAGES_DIR, tiny_model
 from helpers_modeling import one_torch_thread  # noqa: F401  (autouse fixture)
 
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import Instance, unwrap_generation_output
 
 from infimm import InfiMMForConditionalGeneration, InfiMMProcessor
 from infimm.hub_infimm import bundled_tokenizer, save_hub_folder
@@ -157,9 +157,10 @@ def test_prompts_follow_the_zephyr_chat_format(lm):
     assert [lm._prompt(doc["question"], doc["images"]) for doc in DOCS] == ZEPHYR_PROMPTS
 
 
-def test_placeholder_count_mismatch_names_both_counts(lm):
-    with pytest.raises(ValueError, match=r"2 `<image>` placeholder\(s\) but the document has 1 image"):
-        lm._prompt("<image> and <image>", [LOGO])
+def test_placeholders_that_do_not_match_the_images_become_words(lm):
+    # MMMU's interleaved format mentions one image twice: one image, two placeholders.
+    expected = "<|system|>\n</s>\n<|user|>\n<|endofchunk|><image>Is image the same as image?</s>\n<|assistant|>\n"
+    assert lm._prompt("Is <image> the same as <image>?", [LOGO]) == expected
 
 
 def test_videos_are_refused(lm):
@@ -264,3 +265,14 @@ def test_loglikelihood_is_greedy_for_the_greedy_answer(lm, reference, batch_size
     assert expected_greedy and greedy
     assert value == pytest.approx(expected, abs=1e-4, rel=1e-5)
     assert not other_greedy
+
+
+def test_loglikelihood_results_survive_the_evaluator_unwrapping(lm):
+    # lmms-eval 0.7.3's evaluator passes every response through `unwrap_generation_output` before the task scores
+    # it; a bare tuple would come out as its string.
+    assert unwrap_generation_output((-1.5, True))[0] == "(-1.5, True)"
+    (result,) = lm.loglikelihood([instance("loglikelihood", (DOCS[1]["question"], " A", doc_to_visual, 1, TASK, SPLIT), 1)])
+    value, greedy = result
+    assert isinstance(value, float) and isinstance(greedy, bool)
+    kept, _ = unwrap_generation_output(result)
+    assert type(kept) is tuple and kept == (value, greedy)
