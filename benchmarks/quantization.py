@@ -8,7 +8,7 @@ Two tables, both computed:
    `should_convert_module`, over the modules the backend converts (bitsandbytes: exact `nn.Linear`; torchao:
    any `nn.Linear`, and for int4 only those whose `in_features` the group size divides). A quantized weight of
    shape (N, K) then takes what its backend stores (read off the tensors the backends build, and checked against
-   real loads by `check_rules` and the test suite):
+   real loads by `drift`, for every backend it loads, and by the test suite):
 
    - bitsandbytes LLM.int8: N*K int8 + one fp32 scale per output row (`SCB`): N*K + 4N bytes;
    - torchao int8 weight-only (`Int8Tensor`): N*K int8 + an fp32 scale and an int8 zero point per row: N*K + 5N;
