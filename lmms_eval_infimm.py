@@ -86,7 +86,8 @@ class InfiMM(lmms):
     """lmms-eval wrapper around an InfiMM checkpoint (`generate_until` and `loglikelihood`, batched).
 
     Args:
-        pretrained: folder or Hub repo id of an InfiMM model (as written by `infimm-convert` or `save_hub_folder`).
+        pretrained: folder or Hub repo id of an InfiMM model (as written by `infimm-convert` or `save_hub_folder`), or
+            of an original release (e.g. `Infi-MM/infimm-zephyr`), read directly.
         device: where the model runs when `device_map` is not given (default: CUDA if available, else CPU; under
             `accelerate launch` each process uses its own device).
         batch_size: requests per forward / `generate` call.
@@ -142,14 +143,13 @@ class InfiMM(lmms):
             load_kwargs["attn_implementation"] = attn_implementation
         if device_map:
             load_kwargs["device_map"] = device_map
-        self._model = AutoModelForImageTextToText.from_pretrained(pretrained, **load_kwargs).eval()
+        self._model, self.processor = _load(pretrained, load_kwargs)
+        self._model.eval()
         if device_map:
             self._device = self._model.device
         else:
             self._device = torch.device(device) if device else _default_device()
             self._model.to(self._device)
-        processor_kwargs = {key: load_kwargs[key] for key in ("trust_remote_code", "revision") if key in load_kwargs}
-        self.processor = AutoProcessor.from_pretrained(pretrained, **processor_kwargs)
         if self.use_chat_template and getattr(self.processor, "chat_template", None) is None:
             logger.warning("%s has no chat template; prompts use the Flamingo layout (<image>...text).", pretrained)
             self.use_chat_template = False
@@ -357,6 +357,28 @@ class InfiMM(lmms):
             greedy = bool((row_logits.argmax(-1) == targets).all())
             results.append(LoglikelihoodResult(total, greedy))
         return results
+
+
+def _load(pretrained: str, load_kwargs: dict):
+    """Model and processor: an InfiMM folder or Hub repo through the auto classes, or an original release snapshot
+    (`visual` / `language` config) read with this package's classes, its weights renamed as `infimm-convert` would."""
+    from convert_weights.legacy import is_legacy_checkpoint, load_legacy_model
+
+    hub_kwargs = {key: load_kwargs[key] for key in ("trust_remote_code", "revision") if key in load_kwargs}
+    if not is_legacy_checkpoint(pretrained, **hub_kwargs):
+        model = AutoModelForImageTextToText.from_pretrained(pretrained, **load_kwargs)
+        return model, AutoProcessor.from_pretrained(pretrained, **hub_kwargs)
+    from transformers import AutoTokenizer
+
+    from .configuration_infimm import InfiMMConfig
+    from .modeling_infimm import InfiMMForConditionalGeneration
+    from .processing_infimm import InfiMMProcessor
+
+    revision = {"revision": load_kwargs["revision"]} if "revision" in load_kwargs else {}
+    config = InfiMMConfig.from_pretrained(pretrained, **revision)
+    processor = InfiMMProcessor.from_config(config, AutoTokenizer.from_pretrained(pretrained, **revision))
+    model_kwargs = {key: value for key, value in load_kwargs.items() if key != "trust_remote_code"}
+    return load_legacy_model(InfiMMForConditionalGeneration, pretrained, config=config, **model_kwargs), processor
 
 
 def _default_device() -> torch.device:

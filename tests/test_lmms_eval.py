@@ -276,3 +276,16 @@ def test_loglikelihood_results_survive_the_evaluator_unwrapping(lm):
     assert isinstance(value, float) and isinstance(greedy, bool)
     kept, _ = unwrap_generation_output(result)
     assert type(kept) is tuple and kept == (value, greedy)
+
+
+def test_original_release_snapshot_is_read_directly(tmp_path):
+    import convert_fixtures
+
+    source = tiny_model(seed=3)
+    snapshot = convert_fixtures.write_release_snapshot(source, tmp_path / "release")
+    lm = InfiMM(pretrained=str(snapshot), device="cpu", max_new_tokens=MAX_NEW_TOKENS)
+    lm.task_dict = {TASK: {SPLIT: DOCS}}
+    # Reference: the model the snapshot was written from, with the processor its config implies.
+    processor = InfiMMProcessor.from_config(source.config, bundled_tokenizer())
+    expected = [reference_answer((source, processor), doc, do_sample=False) for doc in DOCS]
+    assert lm.generate_until(generate_requests({"do_sample": False})) == expected
