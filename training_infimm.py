@@ -15,8 +15,8 @@ Whether IFT trains the LLM is read from the config (`llm_trains_in_ift`): the LL
 Llama-2 (`chat_format == "llama2"`, the `infimm-llama13b` preset, or a Llama text model with `chat_format == "none"`);
 chat-tuned LLMs (Zephyr, Vicuna: `chat_format` `zephyr` / `vicuna`) stay frozen unless `train_llm=True` is asked for.
 
-FSDP2 (`accelerate launch --config_file examples/fsdp.yaml`): `shard_blocks_with_layers` makes each decoder layer
-and its gated cross-attention block one FSDP unit before accelerate shards the rest of the model.
+FSDP2 (`accelerate launch --config_file examples/fsdp.yaml`): `InfiMMTrainer` (`shard_blocks_with_layers`) makes each
+decoder layer and its gated cross-attention block one FSDP unit before accelerate shards the rest of the model.
 
 Device maps: `infer_device_map` (from `device_map_infimm`, which ships with the remote code) runs accelerate's
 `infer_auto_device_map`, then places every gated cross-attention block on its decoder layer's device and keeps the
@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from .collator_infimm import conversation_images
@@ -311,7 +311,7 @@ def fsdp_units(model) -> list[list[nn.Module]]:
 def shard_blocks_with_layers(model, accelerator) -> int:
     """FSDP2: `fully_shard([decoder layer i, its cross-attention block])` for every layer; returns the unit count.
 
-    Call it between `Trainer(...)` and `trainer.train()`. accelerate's own FSDP2 auto-wrap (`fsdp2_prepare_model`)
+    `InfiMMTrainer` calls it (before `accelerator.prepare`). accelerate's own FSDP2 auto-wrap (`fsdp2_prepare_model`)
     shards one module per matched class, so it would make each block a unit apart from its layer; it skips modules
     that are already sharded, and wraps the rest (tower, resampler, embeddings, head, root) as the plugin says
     (the classes named in `fsdp_transformer_layer_cls_to_wrap`, by default the model's `_no_split_modules`). The
@@ -354,6 +354,48 @@ def shard_blocks_with_layers(model, accelerator) -> int:
             count += 1
     _drop_sharded_classes_from_auto_wrap(model, plugin)
     return count
+
+
+class InfiMMTrainer(Trainer):
+    """`Trainer` that, under FSDP2, makes each decoder layer one FSDP unit with its cross-attention block.
+
+    The units are sharded (`shard_blocks_with_layers`) when the optimizer is created, which for FSDP2 is just before
+    accelerate shards the rest of the model. Without FSDP2 it is `Trainer`.
+
+    accelerate then re-points the optimizer at the sharded parameters, matching them by data pointer; a shard with no
+    elements (a 1-element gate split over two ranks leaves one rank nothing) has pointer 0 on every such parameter,
+    so those slots would all get one of them. The weights still train right (an empty shard's step is a no-op), but
+    the optimizer state differs across ranks, and saving or loading a checkpoint's optimizer then mismatches its
+    collectives. The parameters sharded here are not re-created by accelerate, so their slots are put back.
+    """
+
+    fsdp_units = 0
+    _presharded_slots = None
+
+    def _is_fsdp2(self) -> bool:
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        return plugin is not None and getattr(plugin, "fsdp_version", 1) == 2
+
+    def create_optimizer(self, model=None):
+        if self._is_fsdp2() and self.optimizer is None:
+            self.fsdp_units += shard_blocks_with_layers(self.model, self.accelerator)
+            optimizer = super().create_optimizer(model)
+            from torch.distributed.tensor import DTensor
+
+            self._presharded_slots = [
+                [param if isinstance(param, DTensor) else None for param in group["params"]]
+                for group in optimizer.param_groups
+            ]
+            return optimizer
+        return super().create_optimizer(model)
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        # Called after accelerate's prepare and before a checkpoint's optimizer state is loaded.
+        if self._presharded_slots is not None:
+            for group, slots in zip(self.optimizer.param_groups, self._presharded_slots):
+                group["params"] = [own if own is not None else param for param, own in zip(group["params"], slots)]
+            self._presharded_slots = None
+        return super().create_scheduler(num_training_steps, optimizer)
 
 
 def _drop_sharded_classes_from_auto_wrap(model, plugin) -> None:
@@ -426,6 +468,7 @@ __all__ = [
     "ConnectorCheckpointCallback",
     "fsdp_units",
     "shard_blocks_with_layers",
+    "InfiMMTrainer",
     "load_jsonl",
     "has_text_only_examples",
     "infer_device_map",

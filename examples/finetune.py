@@ -15,10 +15,17 @@ Data: one JSON object per line, images as paths relative to the JSONL file:
     {"text": "<image>A cat.<|endofchunk|><image>A dog.<|endofchunk|>", "images": ["cat.png", "dog.png"]}
     {"image": "cat.png", "caption": "A cat."}                          (loss on the text after the first image)
 
-Multi-process: `torchrun --nproc_per_node 2 examples/finetune.py ...` or `accelerate launch examples/finetune.py ...`;
-DeepSpeed ZeRO-2 as in the paper: add `--deepspeed examples/deepspeed_zero2.json` (GPU machines).
-The output folder loads with `AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` and
-`AutoProcessor.from_pretrained(OUT, trust_remote_code=True)`; a LoRA run also leaves its adapter in `OUT/lora-adapter`.
+Multi-process: `torchrun --nproc_per_node 2 examples/finetune.py ...` or `accelerate launch examples/finetune.py ...`
+(DDP); FSDP2: `accelerate launch --config_file examples/fsdp.yaml examples/finetune.py ...` (GPUs; each decoder layer
+is one FSDP unit with its cross-attention block); DeepSpeed ZeRO-2 as in the paper: add
+`--deepspeed examples/deepspeed_zero2.json`, ZeRO-3: `--deepspeed examples/deepspeed_zero3.json` (GPU machines).
+
+Outputs, as transformers' example scripts leave them: the model and processor (loading with
+`AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)` and `AutoProcessor.from_pretrained(OUT,
+trust_remote_code=True)`; full weights under FSDP too), `trainer_state.json` (the log history), `train_results.json`
+and `all_results.json` (the metrics); a LoRA run also leaves its adapter in `OUT/lora-adapter`. Checkpoints come with
+`--save-strategy steps --save-steps N`; `--resume-from-checkpoint OUT/checkpoint-N` (or `last`) continues that run
+at its global step, with its optimizer, scheduler and data order.
 """
 
 import argparse
@@ -41,6 +48,7 @@ from infimm.collator_infimm import InfiMMDataCollator
 from infimm.hub_infimm import bundled_tokenizer, save_hub_folder
 from infimm.training_infimm import (
     ConnectorCheckpointCallback,
+    InfiMMTrainer,
     apply_lora,
     apply_stage,
     count_parameters,
@@ -51,7 +59,6 @@ from infimm.training_infimm import (
     meta_model,
     recipe,
     save_lora,
-    shard_blocks_with_layers,
     weights_checksum,
 )
 
@@ -216,7 +223,7 @@ def fsdp_requested(args: TrainingArguments) -> bool:
 
 
 def prepare_fsdp(trainer: Trainer, lora: bool) -> bool:
-    """Under FSDP2, shards each decoder layer with its cross-attention block before `train()`; False without FSDP.
+    """Whether this run is FSDP2 (whose units `InfiMMTrainer` makes); False without FSDP.
 
     Refuses what would not do what was asked: FSDP asked for but not enabled (accelerate 1.15 enables FSDP only for
     GPU-type devices; for CPU processes it drops the plugin and the run would be plain DDP), FSDP1, and LoRA.
@@ -240,10 +247,7 @@ def prepare_fsdp(trainer: Trainer, lora: bool) -> bool:
             "--lora is not supported under FSDP by this script (it merges the adapters into the weights at the end). "
             "Train LoRA with DDP (torchrun, or accelerate launch without the FSDP config)."
         )
-    units = shard_blocks_with_layers(trainer.model, trainer.accelerator)
-    if trainer.is_world_process_zero():
-        print(f"FSDP2: {units} units of a decoder layer with its cross-attention block (if any)")
-    return True
+    return True  # InfiMMTrainer shards each decoder layer with its cross-attention block
 
 
 def save_fsdp_output(trainer: Trainer, processor, folder: Path) -> None:
@@ -267,8 +271,12 @@ def main(argv=None):
 
     if script_args.synthetic is not None:
         data_dir = Path(training_args.output_dir) / "synthetic-data"
+        # Written once per machine; the other processes wait, then read it (were they to write it too, one could
+        # read it while another truncates it).
         with training_args.main_process_first(desc="synthetic dataset"):
-            data_path = write_synthetic_dataset(data_dir, script_args.synthetic, script_args.stage, training_args.seed)
+            if training_args.local_process_index == 0:
+                write_synthetic_dataset(data_dir, script_args.synthetic, script_args.stage, training_args.seed)
+        data_path = data_dir / "data.jsonl"
     else:
         data_path = Path(script_args.data)
     rows = load_jsonl(data_path)
@@ -294,7 +302,7 @@ def main(argv=None):
         image_overflow=script_args.image_overflow,
         image_root=data_path.parent,
     )
-    trainer = Trainer(
+    trainer = InfiMMTrainer(
         model=model,
         args=training_args,
         train_dataset=rows,

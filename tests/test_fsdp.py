@@ -106,10 +106,12 @@ def _import_finetune():
 
 
 # Each step's global batch is the whole synthetic set (4 examples: 2 per process, or 4 in one), so both runs see
-# the same batches whatever the sampler's order. Plain SGD: its update is proportional to the gradient, so a wrong
-# gradient average (a sum, a missing rank) shows in the weights, where Adam's normalised step would hide it.
-RECIPE = ["--stage", "pt", "--synthetic", "4", "--max-steps", "3", "--optim", "sgd", "--learning-rate", "1.0",
-          "--disable-tqdm", "true", "--logging-steps", "1", "--seed", "0"]
+# the same batches whatever the sampler's order. SGD with momentum: its update is linear in the gradients, so a wrong
+# gradient average (a sum, a missing rank) shows in the weights, where Adam's normalised step would hide it; and it
+# has optimizer state, which the checkpoint at step 2 gathers from the shards.
+RECIPE = ["--stage", "pt", "--synthetic", "4", "--max-steps", "3", "--optim", "sgd", "--optim-args", "momentum=0.9",
+          "--learning-rate", "0.5", "--disable-tqdm", "true", "--logging-steps", "1", "--seed", "0",
+          "--save-strategy", "steps", "--save-steps", "2"]
 
 
 def test_fsdp2_two_cpu_processes_match_one_process(tmp_path):
@@ -124,7 +126,6 @@ def test_fsdp2_two_cpu_processes_match_one_process(tmp_path):
     run = subprocess.run(command, cwd=tmp_path, env=_child_env(FSDP_UNITS_FILE=str(units_file)),
                          capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-6000:]
-    assert "FSDP2: 4 units of a decoder layer" in run.stdout
 
     # Units: decoder layer i and block i together (layers 1 and 3 have blocks), each block in no other unit.
     units = json.loads(units_file.read_text())
@@ -168,6 +169,11 @@ def test_fsdp2_two_cpu_processes_match_one_process(tmp_path):
     checksums = {(tmp_path / "checksums" / f"rank{r}.sha256").read_text() for r in (0, 1)}
     training.apply_stage(saved, "pt")
     assert checksums == {training.weights_checksum(saved) + "\n"}
+
+    # The checkpoint's optimizer state: every trained weight's momentum, gathered to its full shape.
+    optimizer_state = torch.load(out / "checkpoint-2" / "optimizer.bin", weights_only=True)["state"]
+    assert set(optimizer_state) == trainable
+    assert all(optimizer_state[n]["momentum_buffer"].shape == expected[n].shape for n in trainable)
 
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 3
