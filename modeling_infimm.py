@@ -17,6 +17,7 @@ their decoder layers, so the language model stays an unmodified library class; t
 `forward` keyword arguments and nothing is kept on a module between calls.
 """
 
+import copy
 import inspect
 import math
 from dataclasses import dataclass
@@ -85,6 +86,28 @@ def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | No
     if cache is not None and past_key_values is not None:
         raise ValueError("Pass the language-model cache once, as `cache` or as its older name `past_key_values`.")
     return cache if cache is not None else past_key_values
+
+
+def _with_default_skips(quantization_config, skips: list[str]):
+    """`quantization_config` with `skips` as its list of modules to keep unquantized, when it names none.
+
+    transformers has no class-level list of modules not to quantize: without one in the config it skips the output
+    embeddings and the module of the last registered parameter, so the result would hang on module order.
+    bitsandbytes calls the list `llm_int8_skip_modules`, torchao and most other backends `modules_to_not_convert`. A
+    list the caller gave, even an empty one, is kept; the caller's object is never changed (a copy is returned), and
+    the list lands in the saved `config.json`, so a reload quantizes the same modules.
+    """
+    if isinstance(quantization_config, dict):
+        from transformers.quantizers.auto import AutoQuantizationConfig
+
+        quantization_config = AutoQuantizationConfig.from_dict(quantization_config)
+    for field in ("llm_int8_skip_modules", "modules_to_not_convert"):
+        if hasattr(quantization_config, field):
+            if getattr(quantization_config, field) is None:
+                quantization_config = copy.deepcopy(quantization_config)
+                setattr(quantization_config, field, list(skips))
+            break
+    return quantization_config
 
 
 def _accepts_old_cache_name(forward):
@@ -327,6 +350,15 @@ class InfiMMPreTrainedModel(PreTrainedModel):
     # A decode step traces as one graph (its image keys/values come from the cache); the prefill's image bookkeeping
     # breaks the graph, as transformers expects of prefill, which it runs eagerly when it compiles the decode steps.
     _can_compile_fullgraph = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """With a `quantization_config` that names no modules to skip, `_modules_to_not_quantize` stay float."""
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = _with_default_skips(
+                kwargs["quantization_config"], cls._modules_to_not_quantize
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):
