@@ -22,6 +22,7 @@ import inspect
 import math
 from dataclasses import dataclass
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -53,14 +54,17 @@ from .image_state_infimm import (
     token_slots,
     unfold_rows,
 )
+from .release_infimm import HUB_KWARGS
+
+
+if TYPE_CHECKING:  # ships pipeline_infimm.py with the model code (save_pretrained copies relative imports)
+    from .pipeline_infimm import InfiMMImageTextToTextPipeline  # noqa: F401
 
 
 logger = logging.get_logger(__name__)
 
 # `device_map` strategies for which the blocks are placed with their decoder layers.
 _PLANNED_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
-# `from_pretrained` arguments that say where the config is read from.
-_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 # Keyword under which the per-call image state travels from `InfiMMModel.forward` through the language model's
 # `**kwargs` to the decoder layers' pre-hooks.
@@ -774,7 +778,7 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
             return kwargs["device_map"]
         config = kwargs.get("config")
         if not isinstance(config, PreTrainedConfig):
-            hub_kwargs = {key: kwargs[key] for key in _HUB_KWARGS if key in kwargs}
+            hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if key in kwargs}
             config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         dtype = config.dtype if dtype in (None, "auto") else dtype

@@ -31,6 +31,7 @@ import torch
 import infimm
 from infimm import InfiMMConfig, InfiMMForConditionalGeneration, InfiMMProcessor
 from infimm.hub_infimm import bundled_tokenizer, sample_image_path, save_hub_folder
+from infimm.release_infimm import is_legacy_config
 from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -207,7 +208,7 @@ def is_legacy_release(model_id: str) -> bool:
         config_dict, _ = PretrainedConfig.get_config_dict(model_id)
     except OSError as err:
         sys.exit(f"Could not read a config.json from {model_id!r}: {err}")
-    return "visual" in config_dict and "language" in config_dict
+    return is_legacy_config(config_dict)
 
 
 def load_legacy(model_id: str, dtype: str):
