@@ -379,6 +379,7 @@ class InfiMMTrainer(Trainer):
     def create_optimizer(self, model=None):
         if self._is_fsdp2() and self.optimizer is None:
             self.fsdp_units += shard_blocks_with_layers(self.model, self.accelerator)
+            logger.info("FSDP2: %d units of a decoder layer with its cross-attention block (if any)", self.fsdp_units)
             optimizer = super().create_optimizer(model)
             from torch.distributed.tensor import DTensor
 

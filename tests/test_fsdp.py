@@ -207,3 +207,13 @@ def test_fsdp_asked_for_but_not_enabled_is_refused(monkeypatch):
         finetune.prepare_fsdp(trainer, lora=False)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
     assert finetune.prepare_fsdp(trainer, lora=False) is False
+
+
+def test_layer_units_refuse_what_they_cannot_shard():
+    def accelerator(**plugin):
+        return types.SimpleNamespace(state=types.SimpleNamespace(fsdp_plugin=types.SimpleNamespace(**plugin)))
+
+    with pytest.raises(ValueError, match="needs FSDP2"):
+        training.shard_blocks_with_layers(None, accelerator(fsdp_version=1, cpu_ram_efficient_loading=False))
+    with pytest.raises(ValueError, match="fsdp_cpu_ram_efficient_loading"):
+        training.shard_blocks_with_layers(None, accelerator(fsdp_version=2, cpu_ram_efficient_loading=True))
