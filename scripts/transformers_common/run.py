@@ -27,7 +27,6 @@ import textwrap
 import time
 from pathlib import Path
 
-
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 TESTER = HERE / "infimm_common_tester.py"
@@ -113,7 +112,7 @@ def _download_sdist(version: str, into: Path) -> Path:
     command = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--quiet",
                f"transformers=={version}", "-d", str(into)]
     print(f"Downloading the transformers {version} sdist: {' '.join(command)}", flush=True)
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
     archives = sorted(into.glob(f"transformers-{version}.tar.gz"))
     if result.returncode != 0 or not archives:
         raise SystemExit(
@@ -162,13 +161,14 @@ def source_checkout_tests(src: Path, installed: str) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------ reporting
+_RANK = {"passed": 0, "skipped": 1, "failed": 2}
+
+
 class _Collector:
     """pytest plugin: one outcome per test (setup errors and call failures both count as failed)."""
 
     def __init__(self):
         self.outcomes = {}  # test name -> (outcome, message)
-
-    RANK = {"passed": 0, "skipped": 1, "failed": 2}
 
     def pytest_runtest_logreport(self, report):
         # Subtests report under their test's name; the test's outcome is its worst: failed > skipped > passed.
@@ -182,7 +182,7 @@ class _Collector:
             else:
                 outcome = ("passed", "")
             previous = self.outcomes.get(name)
-            if previous is None or self.RANK[outcome[0]] > self.RANK[previous[0]]:
+            if previous is None or _RANK[outcome[0]] > _RANK[previous[0]]:
                 self.outcomes[name] = outcome
 
 
@@ -252,6 +252,7 @@ def main(argv=None) -> int:
                         help="a transformers source checkout (tag of the installed version); its tests/ brings GenerationTesterMixin")
     parser.add_argument("-k", dest="keyword", default=None, help="pytest -k expression selecting tests")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: tiny models)")
+    parser.add_argument("--slow", action="store_true", help="also the tests transformers marks @slow (RUN_SLOW=1)")
     parser.add_argument("pytest_args", nargs="*", help="further pytest arguments (after --)")
     args = parser.parse_args(argv)
 
@@ -273,8 +274,13 @@ def main(argv=None) -> int:
     os.environ[TESTS_ROOT_ENV] = str(root)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["INFIMM_COMMON_TESTS_THREADS"] = str(args.threads)
+    if args.slow:
+        os.environ["RUN_SLOW"] = "1"  # read by transformers.testing_utils when it is first imported, just below
     sys.path.insert(0, str(HERE))
-    from infimm_common_tester import DIAGNOSES  # noqa: E402  (needs the variables above)
+    import infimm
+    from infimm_common_tester import DIAGNOSES
+
+    print(f"infimm from {Path(infimm.__file__).parent}", flush=True)
 
     pytest_args = [str(TESTER), "-q", "-p", "no:cacheprovider", "--rootdir", str(HERE), "-o", "addopts=",
                    "-W", "ignore::pytest.PytestUnknownMarkWarning", "--tb=short", *args.pytest_args]
