@@ -81,8 +81,27 @@ def default_cache_dir() -> Path:
     return base / "infimm" / "transformers-tests"
 
 
+def _sdist_version(sdist: Path) -> str | None:
+    """The `Version:` of an sdist's PKG-INFO (None when it has none)."""
+    if sdist.is_dir():
+        info = sdist / "PKG-INFO"
+        text = info.read_text(errors="replace") if info.is_file() else ""
+    else:
+        with tarfile.open(sdist) as archive:
+            member = next((m for m in archive.getmembers() if re.fullmatch(r"[^/]+/PKG-INFO", m.name)), None)
+            text = archive.extractfile(member).read().decode(errors="replace") if member is not None else ""
+    found = re.search(r"^Version: (\S+)", text, re.MULTILINE)
+    return found.group(1) if found else None
+
+
 def _extract_tests(sdist: Path, version: str, target: Path):
     """Copies the `tests/` folder of an sdist (a `.tar.gz`, or an unpacked folder) into `target/tests`."""
+    found = _sdist_version(sdist)
+    if found != version:
+        raise SystemExit(
+            f"{sdist} is the sdist of transformers {found or '(unknown version)'}, but {version} is installed; the "
+            "common tests must match the library. Pass the matching sdist, or leave --sdist out to download it."
+        )
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".partial-"))
     try:
         if sdist.is_dir():
