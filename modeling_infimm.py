@@ -34,7 +34,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
-from transformers.utils import can_return_tuple, is_accelerate_available, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, is_accelerate_available, logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_infimm import InfiMMConfig
@@ -274,10 +275,13 @@ class InfiMMGatedCrossAttentionBlock(GradientCheckpointingLayer):
         self.ff = _feed_forward(config.text_config.hidden_size, config.cross_attn_ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, hidden_states: torch.Tensor, image_inputs: ImageInputs) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, latents: torch.Tensor | None, image_inputs: ImageInputs) -> torch.Tensor:
+        # `latents` is `image_inputs.latents`, passed as a positional tensor so that reentrant activation checkpointing
+        # (`use_reentrant=True`) treats it as an input; hidden inside `image_inputs`, each block's recomputation would
+        # backpropagate into the resampler's graph and the second block would find it freed.
         # `.to(device)` calls are no-ops on one device; with a device map they follow this block's layer.
         device = hidden_states.device
-        key, value = self.image_key_values(image_inputs, device)
+        key, value = self.image_key_values(image_inputs, device, latents)
         mask = None if image_inputs.mask is None else image_inputs.mask.to(device)
         no_media = None if image_inputs.no_media is None else image_inputs.no_media.to(device)
         attn = self.attn(hidden_states, key, value, mask, no_media)
@@ -285,7 +289,7 @@ class InfiMMGatedCrossAttentionBlock(GradientCheckpointingLayer):
         hidden_states = hidden_states + flag * self.attn_gate.tanh() * attn
         return hidden_states + flag * self.ff_gate.tanh() * self.ff(hidden_states)
 
-    def image_key_values(self, image_inputs: ImageInputs, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def image_key_values(self, image_inputs: ImageInputs, device, latents=None) -> tuple[torch.Tensor, torch.Tensor]:
         """This block's keys/values, `(image rows, heads, slots * latents, head_dim)`: the cached last image of a
         prefix (if any) then this call's new images; records each row's last image in `image_inputs.store`."""
         keys, values = [], []
@@ -293,8 +297,8 @@ class InfiMMGatedCrossAttentionBlock(GradientCheckpointingLayer):
             key, value = image_inputs.cached.key_values[self.layer_idx]
             keys.append(expand_rows(key.to(device), image_inputs.rows))
             values.append(expand_rows(value.to(device), image_inputs.rows))
-        if image_inputs.latents is not None:
-            key, value = self.attn.key_values(image_inputs.latents.to(device))
+        if latents is not None:
+            key, value = self.attn.key_values(latents.to(device))
             keys.append(key)
             values.append(value)
         key, value = (keys[0], values[0]) if len(keys) == 1 else (torch.cat(keys, 2), torch.cat(values, 2))
@@ -321,9 +325,9 @@ def _cross_attention_pre_hook(model, block_key, module, args, kwargs):
         return args, kwargs
     block = model.cross_attention_layers[block_key]
     if args:
-        args = (block(args[0], image_inputs), *args[1:])
+        args = (block(args[0], image_inputs.latents, image_inputs), *args[1:])
     else:
-        kwargs["hidden_states"] = block(kwargs["hidden_states"], image_inputs)
+        kwargs["hidden_states"] = block(kwargs["hidden_states"], image_inputs.latents, image_inputs)
     return args, kwargs
 
 
@@ -477,7 +481,7 @@ class InfiMMModel(InfiMMPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         per_sample = pixel_values.ndim != 4
         if per_sample:
             pixel_values = as_image_batch(pixel_values, self.config.image_size)
@@ -487,16 +491,26 @@ class InfiMMModel(InfiMMPreTrainedModel):
             images = as_image_batch(pixel_values, self.config.image_size).squeeze(1)
         features, latents, hidden_states = self._encode_images(images, output_hidden_states)
         if per_sample:
-            rows = real.shape[0]
-            packed = features.new_zeros(rows, real.shape[1], *features.shape[1:])
-            packed[real] = features
-            features = packed.flatten(1, 2)
-            counts = real.sum(1).tolist()
-            latents = tuple(chunk.flatten(0, 1) for chunk in latents.split(counts))
-        output = BaseModelOutputWithPooling(
-            last_hidden_state=features, pooler_output=latents, hidden_states=hidden_states
-        )
+            output = self._per_sample_image_outputs(features, latents, hidden_states, real)
+        else:
+            output = BaseModelOutputWithPooling(
+                last_hidden_state=features, pooler_output=latents, hidden_states=hidden_states
+            )
         return output if return_dict else output.to_tuple()
+
+    @staticmethod
+    def _per_sample_image_outputs(features, latents, hidden_states, real) -> BaseModelOutputWithPooling:
+        """Encoded images `(n, ...)` laid out per row of `real` `(rows, slots)`: `last_hidden_state`
+        `(rows, slots * tokens, vision_dim)` with zeros for the slots not encoded, `pooler_output` a tuple holding each
+        row's `(its images * latents, vision_dim)`; `hidden_states` stay per image."""
+        packed = features.new_zeros(real.shape[0], real.shape[1], *features.shape[1:])
+        packed[real] = features
+        counts = real.sum(1).tolist()
+        return BaseModelOutputWithPooling(
+            last_hidden_state=packed.flatten(1, 2),
+            pooler_output=tuple(chunk.flatten(0, 1) for chunk in latents.split(counts)),
+            hidden_states=hidden_states,
+        )
 
     def _image_media(self, input_ids, inputs_embeds) -> torch.Tensor | None:
         """`(rows, tokens)` bool: where the `<image>` tokens are, from `input_ids` or, without them, from the
@@ -547,9 +561,8 @@ class InfiMMModel(InfiMMPreTrainedModel):
                 # Encode new real images only, once per image row: batch padding and a cached prefix's images never
                 # reach the tower, and beams / returned sequences of one prompt share their encoding.
                 features, encoded, blocks = self._encode_images(pixel_values[new_real], output_hidden_states)
-                image_outputs = BaseModelOutputWithPooling(
-                    last_hidden_state=features, pooler_output=encoded, hidden_states=blocks
-                )
+                # Laid out as `get_image_features(pixel_values, image_mask)` lays them out: one entry per image row.
+                image_outputs = self._per_sample_image_outputs(features, encoded, blocks, new_real)
                 latents = encoded.new_zeros(pixel_values.shape[0], int(new_count.max()), *encoded.shape[1:])
                 latents[new_real.nonzero(as_tuple=True)[0], (new_real.cumsum(1) - 1)[new_real]] = encoded
         if continuing and latents is not None:
@@ -671,7 +684,7 @@ class InfiMMModel(InfiMMPreTrainedModel):
         use_cache: bool | None = None,
         past_key_values: Cache | None = None,
         output_hidden_states: bool | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> InfiMMModelOutputWithPast:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch, images, 3, height, width)`):
@@ -823,7 +836,7 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> InfiMMCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch, tokens)`, *optional*):

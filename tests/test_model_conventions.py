@@ -147,9 +147,37 @@ def test_forward_returns_the_vision_outputs_when_asked(net):
     assert len(out.hidden_states) == net.config.text_config.num_hidden_layers + 1
     depth = net.config.vision_config.model_args["depth"]
     assert len(out.image_outputs.hidden_states) == depth
-    features = net.get_image_features(inputs["pixel_values"][inputs["image_mask"]])
+    # Laid out as get_image_features lays out the model's own (batch, images, ...) pixel values: one entry per sample.
+    features = net.get_image_features(inputs["pixel_values"], image_mask=inputs["image_mask"])
     torch.testing.assert_close(out.image_outputs.last_hidden_state, features.last_hidden_state, rtol=0, atol=1e-6)
+    assert len(out.image_outputs.pooler_output) == len(features.pooler_output) == 2
+    for got, expected in zip(out.image_outputs.pooler_output, features.pooler_output):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     assert out.image_hidden_states.shape == (2, 2, net.config.resampler_num_latents, net.config.vision_hidden_size)
+
+
+def test_reentrant_checkpointing_gives_the_plain_gradients():
+    """`gradient_checkpointing_kwargs={"use_reentrant": True}` trains the resampler and the blocks with the gradients
+    of a run without checkpointing (the resampled latents reach every block as a checkpoint input)."""
+
+    def gradients(checkpointing):
+        model = tiny_model(seed=0, gates=1.0).train()
+        if checkpointing is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+        g = torch.Generator().manual_seed(1)
+        ids = torch.randint(3, 31000, (2, 7), generator=g)
+        ids[:, [1, 4]] = MEDIA
+        pixels = torch.randn(2, 2, 3, IMG, IMG, generator=g)
+        model(input_ids=ids, pixel_values=pixels, labels=ids, use_cache=False).loss.backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients(None)
+    for kwargs in ({"use_reentrant": True}, {"use_reentrant": False}):
+        checkpointed = gradients(kwargs)
+        assert checkpointed.keys() == plain.keys()
+        assert any(name.startswith("model.resampler.") for name in plain)
+        for name, grad in plain.items():
+            torch.testing.assert_close(checkpointed[name], grad, rtol=0, atol=1e-6, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------- attention
