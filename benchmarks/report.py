@@ -436,11 +436,13 @@ def prefix_reuse_markdown(results, plot_name) -> str:
         "noise images",
         f"- reuse, transformers' pattern: the prefix once, `out = model(**prefix_inputs, {cache}=DynamicCache())`, "
         f"then `model.generate(**full_inputs, {cache}=copy.deepcopy(out.{cache}), max_new_tokens=1)` with the full "
-        "prompt's `input_ids`, `attention_mask` and `pixel_values` (every image of the prompt); prefill = "
-        "`generate()` start to the first logits",
-        f"- {settings['rounds']} timed round(s) after {settings['warmup']} warmup round(s) per case; in a round the "
-        "measurements of a case run one after the other, in reversed order every other round; figures are medians "
-        "over the rounds, ratios medians of the per-round ratios",
+        "prompt's `input_ids`, `attention_mask` and `pixel_values` (every image of the prompt)",
+        f"- {settings['rounds']} timed round(s) after {settings['warmup']} warmup round(s) per chat turn and per "
+        "few-shot case with reuse (the few-shot prompts without reuse: below); in a round, the calls compared run in "
+        "threads that take turns at every layer (decoder layers, vision blocks, resampler layers), the order "
+        "reversed every other round, so they share the machine's state; prefill = the time a "
+        "`generate(max_new_tokens=1)` call held its turns; figures are medians over the rounds, ratios medians of "
+        "the per-round ratios",
         "",
     ]
     if results.get("chat") is not None:
@@ -452,7 +454,7 @@ def prefix_reuse_markdown(results, plot_name) -> str:
             "token by token) in the conversation. With reuse, each turn starts from the cache the previous turn's "
             f"`generate(..., return_dict_in_generate=True)` returned (`out.{cache}`: the prompt and the answer but its "
             "last token), so it feeds only the tokens after those; without, the whole conversation each turn. Each "
-            "round times turn k with reuse, without, and turn 1 (an empty cache).",
+            "round runs turn k with reuse, without, and turn 1 (an empty cache) in turns.",
             "",
             *chat_table(rows),
             "",
@@ -463,11 +465,12 @@ def prefix_reuse_markdown(results, plot_name) -> str:
             "## Few-shot",
             "",
             f"`<image>caption<|endofchunk|>` per demonstration, then the query's `<image>`; a batch of "
-            f"{settings['queries']} query images. With reuse, the demonstrations' cache (batch 1, its prefill shown "
-            f"once) is deep-copied and expanded to the batch (`{cache}.batch_repeat_interleave({settings['queries']})`) "
+            f"{settings['queries']} query images. With reuse, the demonstrations' cache (batch 1, its own prefill in the "
+            f"table) is deep-copied and expanded to the batch (`{cache}.batch_repeat_interleave({settings['queries']})`) "
             "for each batch: per query with reuse = (copy + expand + the continuation's prefill) / queries. "
-            "Without, the whole prompts. Each round times the demonstrations' prefill, the batch with reuse, "
-            "without, and the 0-shot batch (`<image>` alone).",
+            f"Without, the whole prompts. {settings['rounds']} round(s) run the batch with reuse and the 0-shot batch "
+            f"(`<image>` alone) in turns; then {settings['without_rounds']} round(s) the demonstrations' prefill, the "
+            "whole prompts and the 0-shot batch again; each ratio is to the 0-shot batch of the same round.",
             "",
             *few_shot_table(rows),
             "",
@@ -495,11 +498,14 @@ def prefix_reuse_plot(path, results):
     chat = results.get("chat") or []
     if chat:
         turns = [r["turn"] for r in chat]
-        left.plot(turns, [r["with_ms"] for r in chat], marker="o", label="with reuse")
-        left.plot(turns, [r["without_ms"] for r in chat], marker="s", label="without reuse")
+        left.plot(turns, [r["with_ratio"] for r in chat], marker="o", label="with reuse")
+        left.plot(turns, [r["without_ratio"] for r in chat], marker="s", label="without reuse")
+        turn, limit = CHAT_TARGET
+        if turn in turns:
+            left.scatter([turn], [limit], marker="_", s=400, color="grey", label="target")
         left.set_xticks(turns)
     left.set_xlabel("chat turn (one image per turn)")
-    left.set_ylabel("prefill ms")
+    left.set_ylabel("prefill / turn 1's")
     left.set_ylim(bottom=0)
     left.set_title("Chat: prefill per turn")
     few = results.get("few_shot") or []
@@ -519,7 +525,8 @@ def prefix_reuse_plot(path, results):
     right.set_title("Few-shot: per-query prefill")
     for ax in (left, right):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     text = results["dims"]["text"]
     fig.suptitle(f"Prefix reuse, InfiMM with Mistral {text['hidden_size']} x {text['num_hidden_layers']} layers")
     fig.tight_layout()

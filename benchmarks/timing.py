@@ -2,9 +2,10 @@
 
 - `timed_generate_in_turns`: two `generate()` calls in two threads stepping in turns (prefill, prefill, step 1,
   step 1, ...); `measure_pair` repeats it, alternating which one starts (the decode benchmark).
+- `run_in_turns` / `rounds_in_turns`: several calls on one model in threads taking turns layer by layer, so even
+  a single long forward (a prefill) shares the machine with what it is compared to (the prefix-reuse benchmark);
 - `alternate`: several measurements, one of each per round, the order reversed every other round (the vision check
-  and the prefix-reuse benchmark).
-- `timed_prefill`: one `generate()` call, timed from its start to the first logits.
+  and the torch.compile probe).
 
 Reported figures are medians; a ratio is the median of the per-round ratios of neighbouring measurements.
 """
@@ -52,30 +53,38 @@ def paired_ratio(numerators, denominators):
 
 
 class Turns:
-    """Two `generate()` calls in two threads that take turns one step at a time (prefill, then each decode step).
+    """Threads that take turns one at a time, in a fixed cyclic order of their names.
 
-    Only one thread computes at any moment, and the two systems' steps alternate every few tens of milliseconds,
-    so a busy neighbour slows both equally and their ratio stays put. A thread that has finished gives up its
-    turns for good.
+    Only one thread computes at any moment, and the turns change every few tens of milliseconds, so a busy
+    neighbour slows every participant alike and their ratios stay put. `busy[name]` sums the ms a thread held the
+    turn (from `wait` returning to its next `hand_over`). A thread that has finished gives up its turns for good.
     """
 
-    def __init__(self, first: str, second: str):
+    def __init__(self, *names: str):
         self._cond = threading.Condition()
-        self._names = (first, second)
-        self._turn = first
+        self._names = names
+        self._turn = names[0]
         self._done = set()
+        self._since = {}
+        self.busy = dict.fromkeys(names, 0.0)
 
     def wait(self, name: str):
         with self._cond:
             self._cond.wait_for(lambda: self._turn == name)
+        self._since[name] = time.perf_counter()
 
     def hand_over(self, name: str, finished: bool = False):
+        now = time.perf_counter()
         with self._cond:
+            if name in self._since:
+                self.busy[name] += (now - self._since.pop(name)) * 1e3
             if finished:
                 self._done.add(name)
-            other = self._names[1] if name == self._names[0] else self._names[0]
-            if other not in self._done:
-                self._turn = other
+            start = self._names.index(name)
+            waiting = [n for i in range(1, len(self._names) + 1)
+                       if (n := self._names[(start + i) % len(self._names)]) not in self._done]
+            if waiting:
+                self._turn = waiting[0]
             self._cond.notify_all()
 
 
@@ -152,17 +161,6 @@ def timed_generate(model, inputs, gen_config, device, extra_processors=()):
     return step_times(clock, gen_config.max_new_tokens)
 
 
-def timed_prefill(model, inputs, device, gen_config=None, **generate_kwargs):
-    """One `generate()` (by default one new token, no tokens suppressed), timed from its start to the first logits.
-
-    Returns (prefill ms, the `generate()` output)."""
-    sync = sync_fn(device)
-    clock = make_clock(sync, [])
-    with collector_paused():
-        out = clocked_generate(model, inputs, gen_config or generation_config(1), clock, sync, **generate_kwargs)
-    return clock.durations[0], out
-
-
 def timed_generate_in_turns(first, second, gen_config, device):
     """Two `generate()` calls, `first` and `second` each a (model, inputs) pair, stepping in turns (`Turns`).
 
@@ -237,3 +235,73 @@ def stopwatch(fn, sync):
         return (time.perf_counter() - start) * 1e3
 
     return measure
+
+
+def run_in_turns(model, calls: dict, sync) -> tuple[dict, dict]:
+    """Runs the `calls` (name -> callable, each using `model`) in threads that take turns at every element of the
+    model's `ModuleList`s (decoder layers, vision blocks, resampler layers), in the order of `calls`.
+
+    A prefill is one long forward, so the turns change inside it, layer by layer, as `timed_generate_in_turns`
+    changes them step by step. Returns (name -> ms the call held the turn, name -> the call's return value)."""
+    import torch
+
+    turns = Turns(*calls)
+    owner = {}  # thread id -> name: the hooks are shared by every thread running the model
+
+    def hook(module, args):
+        name = owner.get(threading.get_ident())
+        if name is not None:
+            sync()
+            turns.hand_over(name)
+            turns.wait(name)
+
+    layers = [layer for module in model.modules() if isinstance(module, torch.nn.ModuleList) for layer in module]
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    values, errors = {}, []
+    # Grad and inference modes are per thread: the calls run in the caller's.
+    inference, grad = torch.is_inference_mode_enabled(), torch.is_grad_enabled()
+
+    def run(name, fn):
+        owner[threading.get_ident()] = name
+        try:
+            turns.wait(name)
+            with torch.inference_mode(inference), torch.set_grad_enabled(grad):
+                values[name] = fn()
+            sync()
+        except BaseException as exc:  # reported by the caller; the other threads must not wait for this one
+            errors.append(exc)
+        finally:
+            turns.hand_over(name, finished=True)
+
+    try:
+        with collector_paused():
+            threads = [threading.Thread(target=run, args=item) for item in calls.items()]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        for handle in handles:
+            handle.remove()
+    if errors:
+        raise errors[0]
+    return dict(turns.busy), values
+
+
+def rounds_in_turns(model, make_calls, rounds: int, warmup: int, sync) -> tuple[dict, dict]:
+    """`warmup` + `rounds` runs of `run_in_turns` over fresh `make_calls()` (name -> callable; what a call needs
+    prepared, e.g. a copied cache, is made there, outside the timing), the order reversed every other round.
+
+    Returns (name -> list of `rounds` busy ms, name -> the last round's return value)."""
+    times, values = None, {}
+    for r in range(warmup + rounds):
+        calls = make_calls()
+        if r % 2:
+            calls = dict(reversed(calls.items()))
+        busy, values = run_in_turns(model, calls, sync)
+        if times is None:
+            times = {name: [] for name in calls}
+        if r >= warmup:
+            for name, ms in busy.items():
+                times[name].append(ms)
+    return times, values
