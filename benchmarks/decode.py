@@ -40,7 +40,8 @@ if __package__ in (None, ""):  # run as a script: import the `benchmarks` packag
 
 from benchmarks.models import GATE, LABELS, SYSTEMS, dims_for, import_infimm
 from benchmarks.report import (
-    BATCHED_CASE, IMAGE_COUNTS, add_output_arguments, compile_lines, decode_checks, decode_markdown, decode_plot, decode_table,
+    BATCHED_CASE, IMAGE_COUNTS, add_output_arguments, compile_lines, decode_checks, decode_markdown, decode_plot,
+    decode_table,
     machine_description, vision_check_line, write_report,
 )
 from benchmarks.worker import collect, run_worker
@@ -137,7 +138,8 @@ def run(args) -> dict:
         print(f"  done in {time.perf_counter() - start:.0f} s", flush=True)
     settings = {"argv": args.argv, "quick": args.quick, "new_tokens": args.new_tokens, "repeats": args.repeats,
                 "warmup": args.warmup, "elapsed_s": time.perf_counter() - started}
-    return {"machine": machine, "dims": dims, "settings": settings, "gate": GATE, **collect(results, args.systems, cases, dims)}
+    return {"machine": machine, "dims": dims, "settings": settings, "gate": GATE,
+            **collect(results, args.systems, cases, dims)}
 
 
 def show(results):
