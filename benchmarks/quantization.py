@@ -51,6 +51,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script, or loaded from its path: the `benchmarks` package is at the root
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.models import BOS, EOC_TOKEN, GATE, MEDIA_TOKEN, MEDIUM, infimm_config  # noqa: E402
+from benchmarks.models import import_infimm as _import_infimm  # noqa: E402
 
 PRESETS = ("infimm-zephyr", "infimm-llama13b", "infimm-vicuna13b")
 
@@ -68,15 +73,6 @@ GROUP_SIZE = 128  # torchao int4's default group
 BNB_BLOCKSIZE = 64  # bitsandbytes 4-bit blocksize on CPU and CUDA
 BNB_NESTED_BLOCKSIZE = 256  # double quantization: one fp32 absmax per 256 int8 absmax
 
-# The medium and tiny shapes of `benchmarks/decode.py` (copied so this script stands alone).
-MEDIUM = {
-    "text": {"hidden_size": 1024, "intermediate_size": 2816, "num_hidden_layers": 8, "num_attention_heads": 16,
-             "num_key_value_heads": 4, "vocab_size": 32002, "max_position_embeddings": 4096},
-    "vision": {"img_size": 224, "patch_size": 14, "embed_dim": 256, "depth": 4, "num_heads": 4},
-    "connector": {"resampler_depth": 6, "resampler_num_latents": 64, "resampler_heads": 8, "resampler_head_dim": 64,
-                  "cross_attn_every_n_layers": 2, "cross_attn_heads": 8, "cross_attn_head_dim": 64},
-    "prompt_tokens": 64,
-}
 # Tiny, but every quantized Linear still fits the CPU kernels (bitsandbytes 4-bit packs rows in 32s and needs
 # in_features >= its blocksize 64; torchao int4 needs out_features % 16 == 0 and in_features % group == 0).
 TINY = {
@@ -88,23 +84,6 @@ TINY = {
     "prompt_tokens": 16,
 }
 TINY_GROUP_SIZE = 32
-GATE = 0.5
-BOS, EOC_TOKEN, MEDIA_TOKEN = 1, 32000, 32001
-
-
-def _import_infimm():
-    try:
-        import infimm
-    except ImportError:  # running from a checkout without installing it
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location(
-            "infimm", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
-        )
-        infimm = importlib.util.module_from_spec(spec)
-        sys.modules["infimm"] = infimm
-        spec.loader.exec_module(infimm)
-    return infimm
 
 
 # ------------------------------------------------------------------------------------------------ the rules
@@ -318,10 +297,7 @@ def build_model(dims, seed: int = 0, gate: float = GATE):
     import torch
 
     infimm = _import_infimm()
-    config = infimm.InfiMMConfig.from_preset(
-        "infimm-zephyr", vision_config={"model_args": dict(dims["vision"])}, text_config=dict(dims["text"]),
-        **dims["connector"],
-    )
+    config = infimm_config(dims)
     torch.manual_seed(seed)
     model = infimm.InfiMMForConditionalGeneration(config).eval()
     set_gates(model, gate)

@@ -8,7 +8,6 @@ import sys
 
 import PIL.Image
 import pytest
-import torch
 from transformers import AutoTokenizer
 
 from conftest import REPO, tiny_model
