@@ -77,3 +77,12 @@ def config():
 @pytest.fixture
 def model():
     return tiny_model()
+
+
+def save_tiny_hub_folder(folder, **model_kwargs):
+    """`tiny_model(**model_kwargs)` with the bundled release tokenizer, saved as a Hub folder (remote code included)."""
+    from infimm import InfiMMProcessor
+    from infimm.hub_infimm import bundled_tokenizer, save_hub_folder
+
+    model = tiny_model(**model_kwargs)
+    return save_hub_folder(model, InfiMMProcessor.from_config(model.config, bundled_tokenizer()), folder)

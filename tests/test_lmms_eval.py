@@ -14,13 +14,13 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import IMAGES_DIR, tiny_model
+from conftest import IMAGES_DIR, save_tiny_hub_folder, tiny_model
 from helpers_modeling import one_torch_thread  # noqa: F401  (autouse fixture)
 
 from lmms_eval.api.instance import Instance, unwrap_generation_output
 
 from infimm import InfiMMForConditionalGeneration, InfiMMProcessor
-from infimm.hub_infimm import bundled_tokenizer, save_hub_folder
+from infimm.hub_infimm import bundled_tokenizer
 from infimm.lmms_eval_infimm import InfiMM
 
 
@@ -58,9 +58,7 @@ def generate_requests(gen_kwargs):
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    model = tiny_model()
-    processor = InfiMMProcessor.from_config(model.config, bundled_tokenizer())
-    return save_hub_folder(model, processor, tmp_path_factory.mktemp("lmms") / "tiny-infimm")
+    return save_tiny_hub_folder(tmp_path_factory.mktemp("lmms") / "tiny-infimm")
 
 
 @pytest.fixture(scope="module")

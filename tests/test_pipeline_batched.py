@@ -17,11 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import IMAGES_DIR, tiny_model
+from conftest import IMAGES_DIR, save_tiny_hub_folder, tiny_model
 from helpers_modeling import one_torch_thread  # noqa: F401  (autouse fixture)
 
 from infimm import InfiMMForConditionalGeneration, InfiMMProcessor
-from infimm.hub_infimm import bundled_tokenizer, mark_for_remote_code, save_hub_folder
+from infimm.hub_infimm import bundled_tokenizer, mark_for_remote_code
 from infimm.pipeline_infimm import CUSTOM_PIPELINE_ENTRY, InfiMMImageTextToTextPipeline
 
 
@@ -94,9 +94,7 @@ _SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def hub_folder(tmp_path_factory):
-    model = tiny_model()
-    processor = InfiMMProcessor.from_config(model.config, bundled_tokenizer())
-    return save_hub_folder(model, processor, tmp_path_factory.mktemp("hub") / "tiny-infimm")
+    return save_tiny_hub_folder(tmp_path_factory.mktemp("hub") / "tiny-infimm")
 
 
 @pytest.fixture(scope="module")

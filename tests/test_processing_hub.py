@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import IMAGES_DIR, tiny_model
+from conftest import IMAGES_DIR, save_tiny_hub_folder
 from test_processing import QUESTION, RELEASE_IDS, reference_pixels
 
 
@@ -88,14 +88,7 @@ _SCRIPT = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def hub_folder(tmp_path_factory):
-    from infimm import InfiMMProcessor
-    from infimm.hub_infimm import bundled_tokenizer, save_hub_folder
-
-    model = tiny_model()
-    processor = InfiMMProcessor.from_config(model.config, bundled_tokenizer())
-    folder = tmp_path_factory.mktemp("hub") / "tiny-infimm"
-    save_hub_folder(model, processor, folder)
-    return folder
+    return save_tiny_hub_folder(tmp_path_factory.mktemp("hub") / "tiny-infimm")
 
 
 @pytest.fixture(scope="module")
