@@ -427,6 +427,11 @@ class InfiMMModel(InfiMMPreTrainedModel):
         key_mapping = {r"^model\.language_model\.model\.": "language_model.model.", **(kwargs.pop("key_mapping", None) or {})}
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, key_mapping=key_mapping, **kwargs)
 
+    def extra_repr(self) -> str:
+        # The blocks run from forward pre-hooks, which the module tree does not show: say where.
+        layers = ", ".join(self.cross_attention_layers)
+        return f"cross_attention_layers run before decoder layers [{layers}] (forward pre-hooks)"
+
     def enable_vision_checkpointing(self, enable: bool = True):
         """Activation checkpointing inside the timm tower (the model-wide switch reaches only transformers layers).
 
