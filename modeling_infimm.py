@@ -93,6 +93,13 @@ def _one_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | No
     return cache if cache is not None else past_key_values
 
 
+# Releases before 5.24 checkpoint a decoder layer's whole `__call__`, its forward pre-hooks included, so the block
+# runs inside the layer's checkpoint with the resampled latents in a keyword argument; reentrant checkpointing
+# cannot see them as an input, and the second block's backward finds the resampler's graph freed. From 5.24 the
+# layer checkpoints its `forward` and the hooks (hence the blocks, which take the latents positionally) run outside.
+_PRE_HOOKS_INSIDE_CHECKPOINT = "__call__" in GradientCheckpointingLayer.__dict__
+
+
 def _with_default_skips(quantization_config, skips: list[str]):
     """`quantization_config` with `skips` as its list of modules to keep unquantized, when it names none.
 
@@ -367,6 +374,19 @@ class InfiMMPreTrainedModel(PreTrainedModel):
                 kwargs["quantization_config"], cls._modules_to_not_quantize
             )
         return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None, **kwargs):
+        """Refuses reentrant checkpointing where the installed transformers runs the blocks inside the layers'
+        checkpoints (see `_PRE_HOOKS_INSIDE_CHECKPOINT`), which would fail in the backward of an image batch."""
+        options = getattr(gradient_checkpointing_func, "keywords", None) or {}
+        if enable and options.get("use_reentrant") and _PRE_HOOKS_INSIDE_CHECKPOINT:
+            raise ValueError(
+                "Reentrant activation checkpointing (`use_reentrant=True`) needs transformers >= 5.24 with InfiMM; "
+                "use the default `use_reentrant=False`, or upgrade transformers."
+            )
+        if gradient_checkpointing_func is not None:
+            kwargs["gradient_checkpointing_func"] = gradient_checkpointing_func
+        super()._set_gradient_checkpointing(enable=enable, **kwargs)
 
     @torch.no_grad()
     def _init_weights(self, module):

@@ -12,6 +12,7 @@ import pytest
 import torch
 import transformers
 from packaging.version import Version
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from conftest import tiny_model
@@ -173,6 +174,12 @@ def test_reentrant_checkpointing_gives_the_plain_gradients():
 
     plain = gradients(None)
     for kwargs in ({"use_reentrant": True}, {"use_reentrant": False}):
+        if kwargs["use_reentrant"] and "__call__" in GradientCheckpointingLayer.__dict__:
+            # transformers < 5.24 checkpoints a layer's `__call__`, pre-hooks included (read off the library): the
+            # blocks would run inside it with the latents hidden in a keyword, so the model refuses, naming the fix.
+            with pytest.raises(ValueError, match="use_reentrant=False"):
+                gradients(kwargs)
+            continue
         checkpointed = gradients(kwargs)
         assert checkpointed.keys() == plain.keys()
         assert any(name.startswith("model.resampler.") for name in plain)
