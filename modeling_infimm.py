@@ -595,7 +595,10 @@ class InfiMMModel(InfiMMPreTrainedModel):
 
         cached_slot = prefix is not None and prefix.any_media
         if latents is None and not cached_slot:
-            state = InfiMMImageState(cached.new_zeros(cached_rows), torch.zeros(cached_rows, 0, 2)) if keep_state else None
+            state = (
+                InfiMMImageState(cached.new_zeros(cached_rows), torch.zeros(cached_rows, 0, 2), any_media=False)
+                if keep_state else None
+            )
             return None, (prefix if prefix is not None else state), None
 
         # Image rows of this call's keys: the cached rows, the new images' rows, or both when one expands the other

@@ -23,6 +23,7 @@ from transformers import TextStreamer
 
 from generate import RANDOM_WEIGHTS_NOTICE, add_model_arguments, generate_overrides, load, model_or_random
 from infimm import CACHE_ARGUMENT
+from infimm.image_state_infimm import image_state
 from infimm.processing_infimm import load_image
 
 
@@ -95,7 +96,7 @@ class Chat:
         length = min(len(ids) - 1, len(self.cached_ids))  # generate() needs at least one new token
         same = (ids[:length] == self.cached_ids[:length]).int().cumprod(0)
         shared = int(same.sum())
-        state = getattr(self.cache, "infimm_images", None)
+        state = image_state(self.cache)
         cached_images = int(state.num_images[0]) if state is not None else 0
         media = self.processor.image_token_id
         if shared == 0 or int((ids[:shared] == media).sum()) != cached_images:
