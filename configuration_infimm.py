@@ -15,6 +15,8 @@ also read the legacy ``config.json`` of the original release (``visual`` / ``lan
 field by ``release_infimm.legacy_config_to_dict`` (unknown keys and values the tower cannot express are refused).
 """
 
+from .versions_infimm import TRANSFORMERS_REQUIREMENT  # noqa: F401  (first: refuses an unsupported transformers)
+
 import copy
 
 from transformers import AutoConfig, PretrainedConfig

@@ -17,6 +17,8 @@ their decoder layers, so the language model stays an unmodified library class; t
 `forward` keyword arguments and nothing is kept on a module between calls.
 """
 
+from .versions_infimm import TRANSFORMERS_REQUIREMENT  # noqa: F401  (first: refuses an unsupported transformers)
+
 import copy
 import inspect
 import math

@@ -12,6 +12,8 @@ pass it yourself: `pipeline("image-text-to-text", model=model, processor=process
 pipeline_class=InfiMMImageTextToTextPipeline)`.
 """
 
+from .versions_infimm import TRANSFORMERS_REQUIREMENT  # noqa: F401  (first: refuses an unsupported transformers)
+
 import collections.abc
 import os
 

@@ -17,8 +17,11 @@ few-shot prompts). The chat templates put `<|endofchunk|><image>` where an image
 released chat processor did.
 """
 
+from .versions_infimm import TRANSFORMERS_REQUIREMENT  # noqa: F401  (first: refuses an unsupported transformers)
+
 import base64
 import binascii
+import inspect
 import io
 import os
 import urllib.error
@@ -29,14 +32,15 @@ import PIL.Image
 import PIL.ImageOps
 from jinja2 import TemplateError
 
-from transformers import AddedToken
+from transformers import AddedToken, AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_backends import PilBackend, TorchvisionBackend
 from transformers.image_utils import PILImageResampling
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 from transformers.utils import is_torchvision_available
 
 from .configuration_infimm import CLIP_MEAN, CLIP_STD
+from .release_infimm import HUB_KWARGS
 
 
 IMAGE_TOKEN = "<image>"
@@ -332,6 +336,33 @@ class InfiMMImageProcessorFast(_InfiMMImageProcessingMixin, TorchvisionBackend):
         super().__init__(image_size=image_size, background_color=background_color, **kwargs)
 
 
+_IMAGE_PROCESSOR_CLASSES = {klass.__name__: klass for klass in (InfiMMImageProcessor, InfiMMImageProcessorFast)}
+
+
+def _wants_fast_image_processor(backend, use_fast) -> bool | None:
+    """`backend=` / `use_fast=` as transformers' image-processor loaders take them: True, False, or None (unasked)."""
+    if backend is not None:
+        if backend not in ("pil", "torchvision"):
+            raise ValueError(f"`backend` must be 'pil' (exact, InfiMMImageProcessor) or 'torchvision' "
+                             f"(InfiMMImageProcessorFast); got {backend!r}.")
+        return backend == "torchvision"
+    return None if use_fast is None else bool(use_fast)
+
+
+def _image_processor_from_dict(config: dict, fast: bool | None):
+    """The saved image processor settings as an InfiMM image processor: the saved class unless `fast` says which."""
+    config = {key: value for key, value in config.items() if key not in ("auto_map", "processor_class")}
+    saved = config.pop("image_processor_type", None)
+    if fast is None:
+        if saved not in (None, *_IMAGE_PROCESSOR_CLASSES):
+            raise ValueError(f"The saved image processor is {saved!r}, not an InfiMM one "
+                             f"({', '.join(_IMAGE_PROCESSOR_CLASSES)}); pass `image_processor=` to use another.")
+        klass = _IMAGE_PROCESSOR_CLASSES.get(saved, InfiMMImageProcessor)
+    else:
+        klass = InfiMMImageProcessorFast if fast else InfiMMImageProcessor
+    return klass.from_dict(config)
+
+
 # ---------------------------------------------------------------------------------------------- chat templates
 # Each template wraps what the model writes after the generation prompt (the reply and its end-of-turn `</s>`) in
 # `{% generation %}` ... `{% endgeneration %}`: `apply_chat_template(..., return_assistant_tokens_mask=True)` then
@@ -511,6 +542,12 @@ def _normalize_conversation(conversation) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------------------------------- processor
+class InfiMMProcessorKwargs(ProcessingKwargs, total=False):
+    # Left padding lets `generate` continue every row right after its prompt; pass padding_side="right" for training.
+    # transformers up to 5.22 reads defaults only from here; later releases also from the processor's `text_kwargs`.
+    _defaults = {"text_kwargs": {"padding": "longest", "padding_side": "left"}}
+
+
 class InfiMMProcessor(ProcessorMixin):
     r"""
     InfiMM's processor: an [`InfiMMImageProcessor`] and the language model's tokenizer.
@@ -537,8 +574,8 @@ class InfiMMProcessor(ProcessorMixin):
     """
 
     _auto_class = "AutoProcessor"
-    # Left padding lets `generate` continue every row right after its prompt; pass padding_side="right" for training.
-    text_kwargs = {"padding": "longest", "padding_side": "left"}
+    valid_processor_kwargs = InfiMMProcessorKwargs
+    text_kwargs = InfiMMProcessorKwargs._defaults["text_kwargs"]
 
     def __init__(
         self,
@@ -608,21 +645,40 @@ class InfiMMProcessor(ProcessorMixin):
         return cls(image_processor, tokenizer, **kwargs)
 
     @classmethod
-    def _get_arguments_from_pretrained(cls, pretrained_model_name_or_path, processor_dict=None, **kwargs):
-        """Rebuilds the image processor from `processor_config.json` with this module's classes.
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "InfiMMProcessor":
+        """Loads a saved processor with this module's classes: never through the Auto classes, so the installed
+        package loads a folder without `trust_remote_code`, and the image processor is the one the folder names.
 
-        The base class would look it up again through `AutoImageProcessor`, which needs `trust_remote_code=True`
-        even when this class is imported from the installed package.
+        The image processor is the class saved in the folder (`InfiMMImageProcessor`, the exact one, unless the
+        processor was saved with the fast one); `use_fast=True` / `backend="torchvision"` ask for
+        `InfiMMImageProcessorFast` and `use_fast=False` / `backend="pil"` for the exact class. transformers' own
+        loaders changed how they resolve sub-processors and which backend they prefer between releases (5.25 builds
+        the fast class when neither is asked for), so this choice is made here, the same on every release.
+        Hub arguments (`revision`, `token`, `cache_dir`, ...) apply to every file; the processor's own arguments
+        (`chat_format`, `chat_template`, token ids) override the saved ones; anything else goes to the tokenizer.
         """
-        config = (processor_dict or {}).get("image_processor")
-        classes = {klass.__name__: klass for klass in (InfiMMImageProcessor, InfiMMImageProcessorFast)}
-        if not isinstance(config, dict) or config.get("image_processor_type") not in classes:
-            return super()._get_arguments_from_pretrained(pretrained_model_name_or_path, processor_dict, **kwargs)
-        config = dict(config)
-        image_processor = classes[config.pop("image_processor_type")].from_dict(config)
-        subfolder = kwargs.pop("subfolder", "")
-        tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, subfolder, **kwargs)
-        return [image_processor, tokenizer]
+        kwargs.pop("return_unused_kwargs", None)
+        hub_kwargs = {key: kwargs.pop(key) for key in HUB_KWARGS if key in kwargs}
+        if "trust_remote_code" in kwargs:
+            hub_kwargs["trust_remote_code"] = kwargs.pop("trust_remote_code")
+        fast = _wants_fast_image_processor(kwargs.pop("backend", None), kwargs.pop("use_fast", None))
+        image_processor = kwargs.pop("image_processor", None)
+        tokenizer = kwargs.pop("tokenizer", None)
+        init_names = set(inspect.signature(cls.__init__).parameters) - {"self", "image_processor", "tokenizer"}
+        overrides = {key: kwargs.pop(key) for key in list(kwargs) if key in init_names}
+
+        lookup = {key: value for key, value in hub_kwargs.items() if key != "trust_remote_code"}
+        processor_dict, _ = cls.get_processor_dict(pretrained_model_name_or_path, **lookup)
+        if image_processor is None:
+            image_config = processor_dict.get("image_processor")
+            if not isinstance(image_config, dict):  # older layout: the image processor in preprocessor_config.json
+                image_config, _ = InfiMMImageProcessor.get_image_processor_dict(pretrained_model_name_or_path, **lookup)
+            image_processor = _image_processor_from_dict(image_config, fast)
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs, **kwargs)
+        init_kwargs = {key: value for key, value in processor_dict.items() if key in init_names}
+        init_kwargs.update(overrides)
+        return cls(image_processor, tokenizer, **init_kwargs)
 
     @property
     def model_input_names(self) -> list[str]:
@@ -653,7 +709,9 @@ class InfiMMProcessor(ProcessorMixin):
         if not texts or not all(isinstance(sample, str) for sample in texts):
             raise ValueError("`text` must be a string or a non-empty list of strings.")
 
-        output_kwargs = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
+        output_kwargs = self._merge_kwargs(
+            InfiMMProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
         text_kwargs, images_kwargs = output_kwargs["text_kwargs"], output_kwargs["images_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None)
         images_kwargs.pop("return_tensors", None)
