@@ -40,6 +40,13 @@ _IMAGE_KEYS = ("pixel_values", "image_mask")
 class InfiMMImageTextToTextPipeline(ImageTextToTextPipeline):
     """`ImageTextToTextPipeline` whose batches may mix samples with 0, 1 or more images."""
 
+    def _sanitize_parameters(self, max_new_tokens=None, generate_kwargs=None, **kwargs):
+        # transformers up to 5.23 writes `max_new_tokens` into the caller's `generate_kwargs` dict, so a dict reused
+        # for a second call fails with "'max_new_tokens' is defined twice"; the base class gets a copy instead.
+        if generate_kwargs is not None:
+            generate_kwargs = dict(generate_kwargs)
+        return super()._sanitize_parameters(max_new_tokens=max_new_tokens, generate_kwargs=generate_kwargs, **kwargs)
+
     def get_iterator(
         self, inputs, num_workers: int, batch_size: int, preprocess_params, forward_params, postprocess_params
     ):
