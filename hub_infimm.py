@@ -11,10 +11,15 @@ part of the package only; it is not copied.
 import sys
 from pathlib import Path
 
+import timm
+import torch
+import transformers
+from huggingface_hub import ModelCard, ModelCardData
 from transformers import AutoTokenizer
 from transformers.dynamic_module_utils import custom_object_save, get_relative_import_files
 
 from .pipeline_infimm import CUSTOM_PIPELINE_ENTRY, PIPELINE_TASK, InfiMMImageTextToTextPipeline
+from .versions_infimm import SKIP_CHECK_VARIABLE, TRANSFORMERS_REQUIREMENT
 
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
@@ -76,10 +81,37 @@ def _set_custom_pipeline(config, present: bool) -> None:
         del config.custom_pipelines
 
 
+def compatibility_section() -> str:
+    """The model card's statement of which transformers the folder's code runs on, and what it was written with."""
+    return (
+        "## Compatibility\n\n"
+        f"The model code in this folder supports transformers `{TRANSFORMERS_REQUIREMENT}`; every minor release in "
+        "that range is tested. Under a transformers outside it, loading stops at once with an `ImportError` naming "
+        f"both versions (set `{SKIP_CHECK_VARIABLE}=1` to try anyway). Written with transformers "
+        f"{transformers.__version__}, timm {timm.__version__} and torch {torch.__version__.split('+')[0]}.\n"
+    )
+
+
+def _write_model_card(folder: Path) -> None:
+    """A short `README.md` (Hub metadata, usage, compatibility) unless the folder already has one."""
+    path = folder / "README.md"
+    if path.exists():
+        return
+    data = ModelCardData(library_name="transformers", pipeline_tag=PIPELINE_TASK,
+                         tags=["infimm", "flamingo", "vision-language", "custom_code"])
+    body = (
+        f"\n# {folder.name}\n\nAn InfiMM vision-language model (Flamingo-style). Load it with\n"
+        "`AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)` and "
+        "`AutoProcessor.from_pretrained(folder, trust_remote_code=True)`.\n\n" + compatibility_section()
+    )
+    ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(path)
+
+
 def save_hub_folder(model, processor, folder, **save_kwargs) -> Path:
     """Saves `model` and `processor` into `folder` with the remote code and a full `auto_map`.
 
-    `save_kwargs` go to `model.save_pretrained` (e.g. `max_shard_size`). Returns the folder.
+    `save_kwargs` go to `model.save_pretrained` (e.g. `max_shard_size`). A `README.md` model card stating the
+    supported transformers range is written unless the folder has one. Returns the folder.
     """
     folder = Path(folder)
     mark_for_remote_code(model)
@@ -96,7 +128,8 @@ def save_hub_folder(model, processor, folder, **save_kwargs) -> Path:
     type(processor).register_for_auto_class()
     type(processor.image_processor).register_for_auto_class("AutoImageProcessor")
     processor.save_pretrained(folder)
+    _write_model_card(folder)
     return folder
 
 
-__all__ = ["AUTO_MAP", "ASSETS_DIR", "bundled_tokenizer", "mark_for_remote_code", "sample_image_path", "save_hub_folder"]
+__all__ = ["AUTO_MAP", "ASSETS_DIR", "bundled_tokenizer", "compatibility_section", "mark_for_remote_code", "sample_image_path", "save_hub_folder"]

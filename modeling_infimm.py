@@ -469,24 +469,34 @@ class InfiMMModel(InfiMMPreTrainedModel):
 
     def _encode_images(self, images: torch.Tensor, output_hidden_states: bool = False):
         """`(n, 3, H, W)` -> tower features `(n, tokens, vision_dim)`, resampled latents `(n, latents, vision_dim)` and,
-        if asked, every tower block's output.
+        if asked, the tower's hidden states as transformers lays them out: the embeddings (the first block's input)
+        followed by every block's output, `depth + 1` tensors.
 
         The features are the last block's output before the tower's final norm, CLS token first (REFERENCE:
         "Vision features"); the final norm and head are unused by design (they stay in the checkpoint, which is
         timm's own layout). The tower runs without autograd unless one of its parameters is trainable.
         """
-        depth = len(self.vision_tower.timm_model.blocks)
+        tower_blocks = self.vision_tower.timm_model.blocks
+        depth = len(tower_blocks)
         track = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision_tower.parameters())
-        with torch.set_grad_enabled(track):
-            # Through the wrapper's own call (so device-map / offload hooks run): timm's `forward_intermediates`.
-            blocks = self.vision_tower(
-                images, output_hidden_states=list(range(depth)) if output_hidden_states else [depth - 1],
-                do_pooling=False, return_dict=True, norm=False, output_fmt="NLC", return_prefix_tokens=True,
-            ).hidden_states
-            blocks = tuple(torch.cat([prefix, patches], dim=1) for patches, prefix in blocks)
+        embeddings = []
+        # timm's `forward_intermediates` returns block outputs only; the embeddings are the first block's input.
+        hook = tower_blocks[0].register_forward_pre_hook(lambda _, args: embeddings.append(args[0])) \
+            if output_hidden_states else None
+        try:
+            with torch.set_grad_enabled(track):
+                # Through the wrapper's own call (so device-map / offload hooks run): timm's `forward_intermediates`.
+                blocks = self.vision_tower(
+                    images, output_hidden_states=list(range(depth)) if output_hidden_states else [depth - 1],
+                    do_pooling=False, return_dict=True, norm=False, output_fmt="NLC", return_prefix_tokens=True,
+                ).hidden_states
+                blocks = tuple(torch.cat([prefix, patches], dim=1) for patches, prefix in blocks)
+        finally:
+            if hook is not None:
+                hook.remove()
         features = blocks[-1]
         latents = self.resampler(features.to(self.resampler.latents.dtype))
-        return features, latents, blocks if output_hidden_states else None
+        return features, latents, (embeddings[0], *blocks) if output_hidden_states else None
 
     def get_image_features(
         self,
@@ -502,7 +512,8 @@ class InfiMMModel(InfiMMPreTrainedModel):
         the final norm, CLS first) and `pooler_output` `(images, latents, vision_dim)`. The model's own
         `(batch, images, 3, H, W)` (with `image_mask`, or all-zero padding slots): per sample, `last_hidden_state`
         `(batch, images * tokens, vision_dim)` with zeros for padding slots and `pooler_output` a tuple holding each
-        sample's `(its images * latents, vision_dim)`. `hidden_states` holds every tower block's output when asked.
+        sample's `(its images * latents, vision_dim)`. `hidden_states` holds the tower's embeddings and every block's
+        output (`depth + 1`, transformers' convention) when asked.
         The tower exposes no attention maps (timm), so `attentions` is None.
         """
         output_hidden_states = (

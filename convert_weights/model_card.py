@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from infimm.hub_infimm import compatibility_section
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -145,6 +147,7 @@ print(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_spec
 
 Needs `transformers`, `timm` and `torch`; the model code travels with the weights (`trust_remote_code=True`).
 
+{compatibility_section()}
 {_results(info) if info else ""}
 ## Conversion
 

@@ -86,3 +86,20 @@ def save_tiny_hub_folder(folder, **model_kwargs):
 
     model = tiny_model(**model_kwargs)
     return save_hub_folder(model, InfiMMProcessor.from_config(model.config, bundled_tokenizer()), folder)
+
+
+# The paths users touch, run by CI on every minor transformers release of the declared range (`pytest -m user_path`):
+# loading through the Auto classes and remote code in a fresh process, processor exactness, the model against its
+# independent references, generate and prefix reuse, the pipeline, lmms-eval and conversion. The full suite runs on
+# the newest release.
+USER_PATH_MODULES = {
+    "test_hub_loading", "test_processing", "test_processing_hub", "test_modeling", "test_openflamingo_parity",
+    "test_generation_cache", "test_prefix_reuse", "test_model_conventions", "test_pipeline_batched",
+    "test_lmms_eval", "test_convert", "test_versions",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in USER_PATH_MODULES:
+            item.add_marker(pytest.mark.user_path)

@@ -48,14 +48,21 @@ def reference_eva(config, state_dict=None) -> torch.nn.Module:
     return eva.eval()
 
 
-def eva_last_block_tokens(eva, images: torch.Tensor) -> torch.Tensor:
-    """(n, 3, H, W) -> (n, 1 + patches, dim): every token after the last block, final norm NOT applied."""
+def eva_hidden_states(eva, images: torch.Tensor) -> list[torch.Tensor]:
+    """(n, 3, H, W) -> the embeddings and each block's output, every one (n, 1 + patches, dim), block by block."""
     x = eva.patch_embed(images)
     x, rope = eva._pos_embed(x)
     x = eva.norm_pre(x)
+    states = [x]
     for block in eva.blocks:
         x = block(x, rope=rope)
-    return x
+        states.append(x)
+    return states
+
+
+def eva_last_block_tokens(eva, images: torch.Tensor) -> torch.Tensor:
+    """(n, 3, H, W) -> (n, 1 + patches, dim): every token after the last block, final norm NOT applied."""
+    return eva_hidden_states(eva, images)[-1]
 
 
 def perturb_norms(model, seed: int = 0, spread: float = 0.2):

@@ -33,6 +33,7 @@ from convert_weights.formats import FLAMINGO, INFIMM, detect_format, map_keys
 from convert_weights.model_card import build_model_card
 from convert_weights.reader import TensorRef
 from infimm import InfiMMConfig, InfiMMForConditionalGeneration
+from infimm.versions_infimm import TRANSFORMERS_REQUIREMENT
 
 SHARD = "4MB"
 EOC, IMAGE = 32000, 32001
@@ -240,6 +241,8 @@ def test_model_cards_parse_with_hub_metadata(converted):
         assert card.data.license == license
         assert card.data.library_name == "transformers" and card.data.pipeline_tag == "image-text-to-text"
         assert "custom_code" in card.data.tags
+        # the supported transformers range travels with the code it applies to
+        assert f"transformers `{TRANSFORMERS_REQUIREMENT}`" in card.text
     release = ModelCard.load(converted["folders"]["release"] / "README.md").text
     # What was left out is reported by reason: 2 head tensors, 6 rope tables, 36 + 22 alias duplicates.
     for line in ("2 tensors: EVA-CLIP projection head", "6 tensors: rotary table",

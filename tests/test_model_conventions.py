@@ -16,7 +16,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from conftest import tiny_model
-from helpers_modeling import eva_last_block_tokens, perturb_norms, reference_eva, standalone_lm
+from helpers_modeling import eva_hidden_states, eva_last_block_tokens, perturb_norms, reference_eva, standalone_lm
 from helpers_modeling import one_torch_thread  # noqa: F401  (autouse fixture)
 
 from infimm import InfiMMForConditionalGeneration
@@ -119,8 +119,11 @@ def test_get_image_features_follows_the_library_output(net):
     assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.last_hidden_state)
 
     everything = net.get_image_features(images, output_hidden_states=True)
-    assert len(everything.hidden_states) == len(eva.blocks)
-    torch.testing.assert_close(everything.hidden_states[-1], features, rtol=0, atol=1e-5)
+    # transformers' convention: the embeddings, then one entry per block (depth + 1)
+    expected = eva_hidden_states(eva, images)
+    assert len(everything.hidden_states) == len(eva.blocks) + 1 == len(expected)
+    for got, want in zip(everything.hidden_states, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
     torch.testing.assert_close(everything.pooler_output, out.pooler_output, rtol=0, atol=0)
 
 
@@ -147,7 +150,7 @@ def test_forward_returns_the_vision_outputs_when_asked(net):
     out = net(**inputs, output_hidden_states=True, use_cache=False)
     assert len(out.hidden_states) == net.config.text_config.num_hidden_layers + 1
     depth = net.config.vision_config.model_args["depth"]
-    assert len(out.image_outputs.hidden_states) == depth
+    assert len(out.image_outputs.hidden_states) == depth + 1
     # Laid out as get_image_features lays out the model's own (batch, images, ...) pixel values: one entry per sample.
     features = net.get_image_features(inputs["pixel_values"], image_mask=inputs["image_mask"])
     torch.testing.assert_close(out.image_outputs.last_hidden_state, features.last_hidden_state, rtol=0, atol=1e-6)

@@ -4,6 +4,7 @@ Everything runs on CPU. Two checks start subprocesses: a 2-process `torchrun` of
 fresh interpreter that reloads the folder it saved with `trust_remote_code=True` (the `infimm` package blocked).
 """
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -66,8 +67,13 @@ def _part_digests(model) -> dict[str, str]:
     return {part: digest.hexdigest() for part, digest in digests.items()}
 
 
+_TRAINING_ARGUMENT_FIELDS = {field.name for field in dataclasses.fields(TrainingArguments)}
+
+
 def _train(model, processor, rows, output_dir, stage, steps, batch_size=4, **overrides):
     settings = {**training.recipe(stage).training_arguments(), "bf16": False, **overrides}
+    if "activation_checkpointing" in settings and "activation_checkpointing" not in _TRAINING_ARGUMENT_FIELDS:
+        settings["gradient_checkpointing"] = settings.pop("activation_checkpointing")  # its name before 5.23
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=steps, per_device_train_batch_size=batch_size, logging_steps=1,
         save_strategy="no", report_to="none", remove_unused_columns=False, use_cpu=True, disable_tqdm=True,
