@@ -88,15 +88,11 @@ def save_tiny_hub_folder(folder, **model_kwargs):
     return save_hub_folder(model, InfiMMProcessor.from_config(model.config, bundled_tokenizer()), folder)
 
 
-# The paths users touch, run by CI on every minor transformers release of the declared range (`pytest -m user_path`):
-# loading through the Auto classes and remote code in a fresh process, processor exactness, the model against its
-# independent references, generate and prefix reuse, the pipeline, lmms-eval and conversion. The full suite runs on
-# the newest release.
+# The paths users touch (listed in user_path_tests.txt, which CI reads too): marked `user_path`.
 USER_PATH_MODULES = {
-    "test_hub_loading", "test_processing", "test_processing_hub", "test_modeling", "test_openflamingo_parity",
-    "test_generation_cache", "test_prefix_reuse", "test_model_conventions", "test_pipeline_batched",
-    "test_lmms_eval", "test_convert", "test_versions",
-}
+    line.split("#", 1)[0].strip()
+    for line in (Path(__file__).parent / "user_path_tests.txt").read_text().splitlines()
+} - {""}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -216,6 +216,24 @@ def test_connector_eager_equals_sdpa(net, tmp_path):
     assert torch.equal(generated["eager"], generated["sdpa"])
 
 
+def test_default_attention_kernel_is_pinned(net, tmp_path):
+    """Loaded without `attn_implementation`, transformers picks the kernel; outputs depend on it (within float
+    rounding, see above), so a release that moves the default is noticed here: SDPA for the language model and the
+    connector on CPU."""
+    net.save_pretrained(tmp_path)
+    model = InfiMMForConditionalGeneration.from_pretrained(tmp_path)
+    assert model.config._attn_implementation == "sdpa"
+    assert model.config.text_config._attn_implementation == "sdpa"
+    calls = []
+    hook = model.model.cross_attention_layers["1"].attn.register_forward_hook(
+        lambda module, args, output: calls.append(module.config._attn_implementation)
+    )
+    with torch.no_grad():
+        model(**_inputs(11), use_cache=False)
+    hook.remove()
+    assert calls == ["sdpa"]
+
+
 # ------------------------------------------------------------------------------------------ cache argument
 @torch.no_grad()
 def test_old_cache_name_warns_where_the_library_renamed_it(net):

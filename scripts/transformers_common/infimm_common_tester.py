@@ -261,11 +261,6 @@ class InfiMMModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase
         with mock.patch.object(InfiMMPreTrainedModel, "post_init", post_init):
             super().check_training_gradient_checkpointing(gradient_checkpointing_kwargs)
 
-    def _image_features_get_expected_num_hidden_states(self, model_tester=None):
-        """timm's `forward_intermediates` (and transformers' own `TimmWrapperModel`) return one output per block and
-        no embedding output, so a timm tower gives `depth` hidden states, not `depth + 1`."""
-        return self.model_tester.vision_depth
-
     @unittest.skip(reason="timm towers return no attention maps (TimmWrapperModel takes no output_attentions); "
                           "get_image_features documents `attentions` as None")
     def test_get_image_features_attentions(self):
