@@ -113,6 +113,15 @@ def as_image_batch(pixel_values: torch.Tensor, image_size: int) -> torch.Tensor:
             f"`pixel_values` images must be 3 x {image_size} x {image_size} (RGB at the vision tower's size); got "
             f"{channels} x {height} x {width}. The model's processor resizes, crops and converts images to this."
         )
+    # One reduction where images enter (never in a decode step): NaN or inf would spread through every attention
+    # output and come out as finite-looking garbage tokens.
+    if not bool(torch.isfinite(pixel_values).all()):
+        bad = (~torch.isfinite(pixel_values)).flatten(2).any(-1).nonzero().tolist()
+        raise ValueError(
+            f"`pixel_values` hold NaN or infinite values (in (sample, image) {bad[:4]}"
+            f"{' and more' if len(bad) > 4 else ''}). Check how they were computed: the processor only produces "
+            "finite values, so build them with it, or replace the bad images."
+        )
     return pixel_values
 
 

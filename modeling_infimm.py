@@ -341,6 +341,32 @@ def _cross_attention_pre_hook(model, block_key, module, args, kwargs):
 
 
 # ----------------------------------------------------------------------------------------------------- models
+def check_text_inputs(input_ids, length: int, cached: int, text_config) -> None:
+    """Refuses, at the door, token inputs the language model would fail on deep inside PyTorch or silently
+    mishandle: no tokens, ids outside the vocabulary, more positions than the model was trained for. Runs where the
+    caller's tokens enter (a prompt, a continuation), not in generated steps."""
+    if length == 0:
+        raise ValueError(
+            "The input holds no tokens (`input_ids` of length 0). Give at least one token, e.g. the processor's "
+            "output for a prompt."
+        )
+    if input_ids is not None:
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= text_config.vocab_size:
+            raise ValueError(
+                f"`input_ids` hold ids outside the vocabulary (0 to {text_config.vocab_size - 1}): smallest {low}, "
+                f"largest {high}. Tokenize with the model's own processor or tokenizer; padding must use a real id "
+                "(the release pads with `</s>`) and be masked by `attention_mask`, not marked with -100 or -1."
+            )
+    limit = getattr(text_config, "max_position_embeddings", None)
+    if limit and cached + length > limit:
+        raise ValueError(
+            f"The sequence is {cached + length} tokens ({cached} cached + {length} new) but the language model has "
+            f"{limit} positions. Shorten the prompt: the processor truncates with `truncation=True, "
+            f"max_length=...` (on the left, as the release did), or start a new conversation."
+        )
+
+
 class InfiMMPreTrainedModel(PreTrainedModel):
     config_class = InfiMMConfig
     config: InfiMMConfig
@@ -768,6 +794,8 @@ class InfiMMModel(InfiMMPreTrainedModel):
             continuing = cache is not None and cache.get_seq_length() > 0
             if is_media is None:
                 raise ValueError("You have to specify either `input_ids` or `inputs_embeds`.")
+            check_text_inputs(input_ids, is_media.shape[1], cache.get_seq_length() if continuing else 0,
+                              self.config.text_config)
             image_inputs, state, image_outputs = self._image_inputs(
                 is_media, pixel_values, image_mask, attention_mask, prefix, continuing,
                 keep_state=cache is not None, output_hidden_states=bool(output_hidden_states),

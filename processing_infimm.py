@@ -24,6 +24,7 @@ import binascii
 import inspect
 import io
 import os
+import time
 import urllib.error
 import urllib.request
 
@@ -51,7 +52,12 @@ EOC_TOKEN = "<|endofchunk|>"
 _SUPPORTED_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
 _ALPHA_MODES = ("LA", "La", "PA", "RGBA", "RGBa")
 
-_DEFAULT_TIMEOUT = 10.0
+# Downloads of image URLs: seconds one network read may wait, seconds the whole download may take, and bytes it may
+# bring (the largest photos people send are a few tens of MB). The image processors take all three as settings.
+DOWNLOAD_TIMEOUT = 10.0
+DOWNLOAD_DEADLINE = 60.0
+MAX_DOWNLOAD_BYTES = 64 * 2**20
+_READ_SIZE = 64 * 2**10
 
 
 # ------------------------------------------------------------------------------------------------- image input
@@ -78,11 +84,17 @@ def _decode(image: PIL.Image.Image, name: str) -> PIL.Image.Image:
 
 def _open_bytes(data: bytes, name: str, hint: str = "") -> PIL.Image.Image:
     """Encoded image bytes -> a decoded PIL image, or a `ValueError` saying whether they are empty, not an image,
-    truncated or damaged."""
+    too many pixels, truncated or damaged."""
     if not data:
         raise ValueError(f"Could not read the image {name}: it is empty (0 bytes). Re-download or re-export it.")
     try:
         image = PIL.Image.open(io.BytesIO(data))
+    except PIL.Image.DecompressionBombError as err:
+        raise ValueError(
+            f"Refused the image {name}: it declares more pixels than Pillow's limit of {PIL.Image.MAX_IMAGE_PIXELS} "
+            f"allows (a decompression bomb, or a huge scan): {err}. Downscale it first; if you trust the file, raise "
+            "`PIL.Image.MAX_IMAGE_PIXELS`."
+        ) from err
     except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(
             f"Could not read the image {name}: Pillow does not recognise it as an image{hint} ({err}). Check that it "
@@ -91,16 +103,62 @@ def _open_bytes(data: bytes, name: str, hint: str = "") -> PIL.Image.Image:
     return _decode(image, name)
 
 
-def load_image(source, timeout: float = _DEFAULT_TIMEOUT) -> PIL.Image.Image:
-    """Opens a local path, an http(s) URL or a `data:image/...;base64,` URI; raises `ValueError` saying what failed."""
+def _download(url: str, timeout: float, deadline: float, max_bytes: int) -> tuple[bytes, str]:
+    """The body and content type of `url`, read in chunks so that the whole download, not only each read, has a
+    deadline and a size cap: a server that trickles bytes or never stops is cut off with a `ValueError`.
+
+    The deadline is checked between reads and one read waits at most `timeout`, so a call returns within
+    `deadline + timeout` seconds.
+    """
+    started = time.monotonic()
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        content_type = response.headers.get_content_type()
+        declared = response.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > max_bytes:
+            raise _DownloadRefused(f"it is {int(declared)} bytes, over the {max_bytes}-byte cap", "max_download_bytes")
+        chunks, size = [], 0
+        while True:
+            if time.monotonic() - started > deadline:
+                raise _DownloadRefused(f"the download took longer than the {deadline:g} s deadline ({size} bytes "
+                                       "arrived)", "download_deadline")
+            chunk = response.read1(_READ_SIZE)
+            if not chunk:
+                return b"".join(chunks), content_type
+            size += len(chunk)
+            if size > max_bytes:
+                raise _DownloadRefused(f"it sent more than the {max_bytes}-byte cap", "max_download_bytes")
+            chunks.append(chunk)
+
+
+class _DownloadRefused(Exception):
+    def __init__(self, reason: str, setting: str):
+        super().__init__(reason)
+        self.setting = setting
+
+
+def load_image(
+    source,
+    timeout: float = DOWNLOAD_TIMEOUT,
+    *,
+    deadline: float = DOWNLOAD_DEADLINE,
+    max_bytes: int = MAX_DOWNLOAD_BYTES,
+) -> PIL.Image.Image:
+    """Opens a local path, an http(s) URL or a `data:image/...;base64,` URI; raises `ValueError` saying what failed.
+
+    URLs: each network read waits at most `timeout` seconds, the whole download at most `deadline` seconds, and at
+    most `max_bytes` bytes are accepted (also the cap on a data URI's decoded size).
+    """
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
     hint = ""
     if source.startswith(("http://", "https://")):
         try:
-            with urllib.request.urlopen(source, timeout=timeout) as response:
-                data = response.read()
-                content_type = response.headers.get_content_type()
+            data, content_type = _download(source, timeout, deadline, max_bytes)
+        except _DownloadRefused as err:
+            raise ValueError(
+                f"Refused the image at {source!r}: {err}. Download it yourself and pass the file, or raise the image "
+                f"processor's `{err.setting}` (or `load_image(..., {err.setting.replace('download_', '')}=...)`)."
+            ) from None
         except (urllib.error.URLError, OSError, ValueError) as err:
             raise ValueError(
                 f"Could not download the image at {source!r} ({err}). Check the URL and your connection, or "
@@ -110,22 +168,35 @@ def load_image(source, timeout: float = _DEFAULT_TIMEOUT) -> PIL.Image.Image:
             hint = f" (the server sent {content_type!r})"
         name = repr(source)
     elif source.startswith("data:image/"):
+        payload = source.split(",", 1)[1] if "," in source else ""
+        if len(payload) * 3 // 4 > max_bytes:
+            raise ValueError(
+                f"Refused a `data:image/...` URI: it holds about {len(payload) * 3 // 4} bytes, over the "
+                f"{max_bytes}-byte cap. Send a smaller image, or raise the image processor's `max_download_bytes`."
+            )
         try:
-            data = base64.b64decode(source.split(",", 1)[1], validate=True)
-        except (IndexError, binascii.Error) as err:
+            data = base64.b64decode(payload, validate=True)
+        except binascii.Error as err:
             raise ValueError(
                 "Could not decode a `data:image/...;base64,` image: the base64 payload is invalid. Re-encode the "
                 "file with `base64.b64encode(open(path, 'rb').read())`."
             ) from err
         name = "in the data URI"
     else:
+        if os.path.isdir(source):
+            raise ValueError(
+                f"Image path {source!r} is a directory, not an image file. Pass the path of a file inside it."
+            )
         if not os.path.isfile(source):
             raise ValueError(
                 f"Image file {source!r} does not exist. Pass an existing file path, an http(s) URL, or the image "
                 "itself (PIL image, numpy array or torch tensor)."
             )
-        with open(source, "rb") as handle:
-            data = handle.read()
+        try:
+            with open(source, "rb") as handle:
+                data = handle.read()
+        except OSError as err:
+            raise ValueError(f"Could not read the image file {source!r} ({err}). Check its permissions.") from err
         name = repr(source)
     return PIL.ImageOps.exif_transpose(_open_bytes(data, name, hint))
 
@@ -194,14 +265,15 @@ def _array_to_pil(array: np.ndarray, channels_first: bool) -> PIL.Image.Image:
     return PIL.Image.fromarray(np.ascontiguousarray(array))
 
 
-def to_rgb_image(image, background_color=(255, 255, 255)) -> PIL.Image.Image:
+def to_rgb_image(image, background_color=(255, 255, 255), **download) -> PIL.Image.Image:
     """Any supported image input -> an RGB PIL image, ready for the release's resize and crop.
 
     Transparent images are composited onto `background_color`; palette and bilevel images become RGB before they
-    are resized (see the module docstring for why).
+    are resized (see the module docstring for why). `download` goes to `load_image` (`timeout`, `deadline`,
+    `max_bytes`) for paths and URLs.
     """
     if isinstance(image, (str, os.PathLike)):
-        image = load_image(image)
+        image = load_image(image, **download)
     elif type(image).__module__.startswith("torch") and hasattr(image, "detach"):
         image = _array_to_pil(_tensor_to_array(image), channels_first=True)
     elif isinstance(image, np.ndarray):
@@ -255,6 +327,10 @@ class _InfiMMImageProcessingMixin:
     do_normalize = True
     do_convert_rgb = True
     background_color = (255, 255, 255)
+    # Image URLs: seconds per network read, seconds for the whole download, bytes accepted (see `load_image`).
+    download_timeout = DOWNLOAD_TIMEOUT
+    download_deadline = DOWNLOAD_DEADLINE
+    max_download_bytes = MAX_DOWNLOAD_BYTES
     model_input_names = ["pixel_values"]
 
     def __init__(self, image_size: int | None = None, background_color=None, **kwargs):
@@ -265,6 +341,9 @@ class _InfiMMImageProcessingMixin:
             if len(background_color) != 3 or not all(0 <= int(c) <= 255 for c in background_color):
                 raise ValueError(f"`background_color` must be three 0-255 values (R, G, B); got {background_color!r}.")
             kwargs["background_color"] = tuple(int(c) for c in background_color)
+        for name in ("download_timeout", "download_deadline", "max_download_bytes"):
+            if name in kwargs and not (isinstance(kwargs[name], (int, float)) and kwargs[name] > 0):
+                raise ValueError(f"`{name}` must be a positive number; got {kwargs[name]!r}.")
         super().__init__(**kwargs)
 
     def to_dict(self):
@@ -292,7 +371,8 @@ class _InfiMMImageProcessingMixin:
             return [self.fetch_images(image) for image in images]
         if _is_image_batch(images):
             return [self.fetch_images(image) for image in images]
-        return to_rgb_image(images, self.background_color)
+        return to_rgb_image(images, self.background_color, timeout=float(self.download_timeout),
+                            deadline=float(self.download_deadline), max_bytes=int(self.max_download_bytes))
 
     def center_crop(self, image, size, **kwargs):
         """Crop offsets rounded like torchvision's `CenterCrop` (the release), not floored: 640x427 -> 84, not 83."""
@@ -928,5 +1008,8 @@ __all__ = [
     "CHAT_TEMPLATES",
     "ChatMessageError",
     "load_image",
+    "DOWNLOAD_TIMEOUT",
+    "DOWNLOAD_DEADLINE",
+    "MAX_DOWNLOAD_BYTES",
     "to_rgb_image",
 ]

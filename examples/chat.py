@@ -55,8 +55,12 @@ class Chat:
         self.cache, self.cached_ids = None, None
 
     def attach(self, *images):
-        """Images for the next message; paths and URLs are read now, so a bad one fails here and not mid-turn."""
-        self.pending_images.extend(load_image(i) if isinstance(i, (str, os.PathLike)) else i for i in images)
+        """Images for the next message; paths and URLs are read now, so a bad one fails here and not mid-turn.
+
+        All or nothing: if one of them cannot be read, none is attached.
+        """
+        loaded = [load_image(i) if isinstance(i, (str, os.PathLike)) else i for i in images]
+        self.pending_images.extend(loaded)
 
     def inputs(self, messages=None):
         """Model inputs for `messages` (default: the conversation so far) with the assistant's turn opened."""
@@ -150,7 +154,7 @@ def main(argv=None):
             try:
                 chat.attach(*rest.split())
             except (OSError, ValueError) as err:
-                print(f"(could not load an image: {err})")
+                print(f"(could not load an image, so none of these was attached: {err})")
                 continue
             print(f"({len(chat.pending_images)} image(s) attached to your next message)")
             continue

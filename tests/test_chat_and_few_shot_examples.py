@@ -163,7 +163,7 @@ def test_chat_script_runs_a_session_from_stdin(tmp_path):
     assert "RANDOM weights" in out
     assert out.count("infimm> ") == 3
     assert "(1 image(s) attached to your next message)" in out
-    assert "(could not load an image:" in out and "missing.jpg" in out
+    assert "(could not load an image, so none of these was attached:" in out and "missing.jpg" in out
     assert "(conversation cleared)" in out
     _assert_left_only_the_cached_model(tmp_path)
 
