@@ -5,7 +5,8 @@ The three `*_infimm.py` modules are also the Hub remote code of a saved model; t
 
 from .configuration_infimm import PRESETS, InfiMMConfig
 from .modeling_infimm import CACHE_ARGUMENT, InfiMMForConditionalGeneration, InfiMMModel, InfiMMPreTrainedModel
-from .processing_infimm import InfiMMImageProcessor, InfiMMImageProcessorFast, InfiMMProcessor
+from .image_processing_infimm import InfiMMImageProcessor, InfiMMImageProcessorFast
+from .processing_infimm import InfiMMProcessor
 from .collator_infimm import InfiMMDataCollator
 
 __version__ = "0.1.0"

@@ -24,7 +24,7 @@ from transformers import TextStreamer
 from generate import RANDOM_WEIGHTS_NOTICE, add_model_arguments, generate_overrides, load, model_or_random
 from infimm import CACHE_ARGUMENT
 from infimm.image_state_infimm import image_state
-from infimm.processing_infimm import load_image
+from infimm.image_processing_infimm import load_image
 
 
 class Chat:

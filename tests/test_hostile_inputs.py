@@ -22,7 +22,7 @@ from transformers import AutoTokenizer
 from conftest import REPO, TOKENIZER_DIR, tiny_model
 
 from infimm import InfiMMImageProcessor, InfiMMProcessor
-from infimm.processing_infimm import load_image
+from infimm.image_processing_infimm import load_image
 
 sys.path.insert(0, str(REPO / "examples"))
 import chat  # noqa: E402

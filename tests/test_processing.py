@@ -25,7 +25,7 @@ from transformers import AutoTokenizer, CLIPImageProcessorPil, PreTrainedTokeniz
 
 from conftest import IMAGES_DIR, TOKENIZER_DIR
 from infimm import InfiMMConfig, InfiMMImageProcessor, InfiMMProcessor
-from infimm.processing_infimm import InfiMMImageProcessorFast
+from infimm.image_processing_infimm import InfiMMImageProcessorFast
 
 
 # REFERENCE.md, "Tokens and prompts": one image + "Please explain this image to me." with the release's chat processor.

@@ -110,7 +110,8 @@ def fresh_report(hub_folder, tmp_path_factory):
 def test_folder_layout(hub_folder):
     names = {path.name for path in hub_folder.iterdir()}
     assert {"config.json", "processor_config.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json",
-            "configuration_infimm.py", "modeling_infimm.py", "processing_infimm.py", "model.safetensors"} <= names
+            "configuration_infimm.py", "modeling_infimm.py", "processing_infimm.py", "image_processing_infimm.py",
+            "model.safetensors"} <= names
     auto_map = json.loads((hub_folder / "config.json").read_text())["auto_map"]
     assert auto_map == {
         "AutoConfig": "configuration_infimm.InfiMMConfig",
@@ -122,12 +123,13 @@ def test_folder_layout(hub_folder):
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_infimm.InfiMMProcessor"
     # a (PIL, torchvision) pair, so `use_fast` / `backend` can pick either class
     assert processor_config["image_processor"]["auto_map"]["AutoImageProcessor"] == [
-        "processing_infimm.InfiMMImageProcessor", "processing_infimm.InfiMMImageProcessorFast"]
+        "image_processing_infimm.InfiMMImageProcessor", "image_processing_infimm.InfiMMImageProcessorFast"]
     assert processor_config["image_processor"]["crop_size"] == {"height": 28, "width": 28}
     assert "<|endofchunk|><image>" in (hub_folder / "chat_template.jinja").read_text()
     # remote code may import this project only relatively
-    source = (hub_folder / "processing_infimm.py").read_text()
-    assert "import infimm" not in source and "from infimm" not in source
+    for code in hub_folder.glob("*.py"):
+        source = code.read_text()
+        assert "import infimm" not in source and "from infimm" not in source, code.name
 
 
 def test_fresh_process_loads_processor_without_the_package(fresh_report):

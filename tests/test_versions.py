@@ -52,7 +52,7 @@ _SCRIPT = textwrap.dedent(
     spec = importlib.util.spec_from_file_location("saved", folder + "/__init__.py", submodule_search_locations=[folder])
     sys.modules["saved"] = importlib.util.module_from_spec(spec)
     report = {}
-    for name in ("configuration_infimm", "processing_infimm", "modeling_infimm"):
+    for name in ("configuration_infimm", "image_processing_infimm", "processing_infimm", "modeling_infimm"):
         sys.modules.pop("saved.versions_infimm", None)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
