@@ -13,6 +13,11 @@ Three kinds of example are recognised by their keys:
 
 Images may be paths (relative ones are resolved against `image_root`), URLs, PIL images, arrays or tensors.
 
+Every problem with an example (wrong types, missing keys, a missing, unreadable or damaged image, a count of `<image>`
+tokens that differs from the count of images) raises a `ValueError` (an `OSError` for a file that cannot be read)
+that says what is wrong and how to fix it. `check_example` runs the same encoding and image loading as a batch
+without building one, so a dataset can be checked before training (`training_infimm.validate_dataset`).
+
 Choices that keep each `<image>` token with its image:
 
 - at most `max_images` images per sample (6 in the InfiMM recipe). With `image_overflow="truncate"` (default) the
@@ -88,7 +93,7 @@ def fill_image_placeholders(messages, images):
     """
     if images is None:
         return messages
-    images = list(images)
+    images = _as_image_list(images, "images")
     if not isinstance(messages, (list, tuple)):
         return messages  # `_encode_chat` explains what a conversation must be
 
@@ -131,6 +136,44 @@ def fill_image_placeholders(messages, images):
             message = {**message, "content": content}
         filled.append(message)
     return filled
+
+
+def _as_image_list(value, key: str) -> list:
+    """A column of images as a list: a list or tuple, or a 4-D array / tensor of stacked images.
+
+    Anything else is refused rather than iterated: a string would become one image per character, a dict its keys.
+    """
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if getattr(value, "ndim", None) == 4:
+        return list(value)
+    raise ValueError(
+        f"`{key}` must be a list of images (paths, URLs, PIL images, arrays or tensors); got "
+        f"{type(value).__name__}. Wrap a single image in a list, or give it as `image`."
+    )
+
+
+def _image_list(example: dict, key: str) -> list | None:
+    value = example.get(key)
+    return None if value is None else _as_image_list(value, key)
+
+
+def _text_field(example: dict, key: str) -> str:
+    value = example[key]
+    if not isinstance(value, str):
+        raise ValueError(f"`{key}` must be a string; got {type(value).__name__}. Give the text as a string.")
+    return value
+
+
+def _check_contents(messages) -> None:
+    """Message contents the chat template can iterate (the processor checks roles, item types and texts)."""
+    for index, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if content is not None and not isinstance(content, (str, dict, list, tuple)):
+            raise ValueError(
+                f"Message {index} has content of type {type(content).__name__}. Give a string, or a list of "
+                "{'type': 'text', 'text': ...} and {'type': 'image', 'image': ...} items."
+            )
 
 
 class InfiMMDataCollator:
@@ -226,38 +269,58 @@ class InfiMMDataCollator:
     def _load_image(self, image):
         if isinstance(image, os.PathLike):
             image = os.fspath(image)
-        if (
-            isinstance(image, str)
-            and self.image_root is not None
-            and not os.path.isabs(image)
-            and not image.startswith(("http://", "https://", "data:"))
-        ):
-            image = os.path.join(self.image_root, image)
+        if isinstance(image, (list, tuple)) or getattr(image, "ndim", None) == 4:
+            # The image processor would take it as several images, which no longer line up with the `<image>` tokens.
+            raise ValueError(
+                f"An image reference is a {type(image).__name__} of several images, not one image. Give each image as "
+                "one path, URL, PIL image, or 2-D/3-D array or tensor, and list several of them in `images`."
+            )
+        if isinstance(image, str) and not image.startswith(("http://", "https://", "data:image/")):
+            return self._load_local_image(image)
         return self.image_processor.fetch_images(image)
+
+    def _load_local_image(self, image: str):
+        """A path from the data, relative ones under `image_root`; the image processor's errors (missing file,
+        directory, damaged image) then also say which path the data gave and where it was looked for."""
+        if not image.strip():
+            raise ValueError("An image path is empty. Give the image's file name (or drop the image and its `<image>`).")
+        if self.image_root is None or os.path.isabs(image):
+            return self.image_processor.fetch_images(image)
+        try:
+            return self.image_processor.fetch_images(os.path.join(self.image_root, image))
+        except ValueError as err:
+            raise ValueError(
+                f"{err} (The data gives the image as {image!r}; relative paths are read from `image_root`, "
+                f"{self.image_root!r}.)"
+            ) from err
 
     # --------------------------------------------------------------------------------------------- one example
     def encode(self, example: dict) -> EncodedExample:
         """Tokens, labels and images of one example, after the image cap and truncation (not padded)."""
         if not isinstance(example, dict):
             raise ValueError(f"An example must be a dict; got {type(example).__name__}.")
-        if "messages" in example:
-            images = example.get("images")
-            if images is None and example.get("image") is not None:
+        # A key holding None counts as absent: a `datasets.Dataset` of mixed kinds gives every row every column.
+        keys = {key for key, value in example.items() if value is not None}
+        if "messages" in keys:
+            images = _image_list(example, "images")
+            if images is None and "image" in keys:
                 images = [example["image"]]
             messages = fill_image_placeholders(example["messages"], images)
             sample, is_chat = self._encode_chat(messages), True
-        elif "caption" in example and "image" in example:
-            text = f"{self.image_token}{example['caption']}{self.eoc_token}"
+        elif "caption" in keys and "image" in keys:
+            caption = _text_field(example, "caption")
+            text = f"{self.image_token}{caption}{self.eoc_token}"
             sample, is_chat = self._encode_document(text, [example["image"]]), False
-        elif "text" in example:
-            images = example.get("images")
+        elif "text" in keys:
+            images = _image_list(example, "images")
             if images is None:
-                images = [example["image"]] if example.get("image") is not None else []
-            sample, is_chat = self._encode_document(example["text"], list(images)), False
+                images = [example["image"]] if "image" in keys else []
+            sample, is_chat = self._encode_document(_text_field(example, "text"), images), False
         else:
             raise ValueError(
-                f"Cannot tell what kind of example has the keys {sorted(example)}. Give `messages` (a chat), `text` "
-                "with `images` (an interleaved document with one `<image>` per image) or `image` with `caption`."
+                f"Cannot tell what kind of example has the keys {sorted(map(str, keys))} (keys holding None do not "
+                "count). Give `messages` (a chat), `text` with `images` (an interleaved document with one `<image>` "
+                "per image) or `image` with `caption`."
             )
         sample = self._cap_images(sample, is_chat)
         sample = self._truncate(sample)
@@ -270,7 +333,24 @@ class InfiMMDataCollator:
             )
         return sample
 
+    def check_example(self, example: dict) -> EncodedExample:
+        """`encode` plus loading and decoding the images it keeps: everything a batch does with one example that can
+        fail on bad data. Raises what a training step would raise (a `ValueError`, or an `OSError` for a file that
+        cannot be read); returns the encoded example."""
+        sample = self.encode(example)
+        for image in sample.images:
+            self._load_image(image)
+        return sample
+
     def _tokenize(self, text: str, offsets: bool = False) -> dict:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as err:
+            # The tokenizer would fail with a bare TypeError; lone surrogates come from broken `\ud800`-style escapes.
+            raise ValueError(
+                f"The text holds a character that is not valid Unicode ({err.reason} at position {err.start}), "
+                "usually a lone surrogate from a broken `\\uXXXX` escape. Fix the text's encoding."
+            ) from err
         bos = self.tokenizer.bos_token
         # Same rule as the processor's chat path: a template that writes `<s>` itself gets no second one.
         add_special_tokens = not (bos is not None and text.startswith(bos))
@@ -307,6 +387,7 @@ class InfiMMDataCollator:
     def _encode_chat(self, messages) -> EncodedExample:
         if not isinstance(messages, (list, tuple)) or not messages:
             raise ValueError("`messages` must be a non-empty list of {'role': ..., 'content': ...} dicts.")
+        _check_contents(messages)
         text = self._render(messages, add_generation_prompt=False)
         # Character spans of the assistant turns: what the template adds for message j after the prompt that asks
         # for it (the rendered messages[:j] with the generation prompt), trailing whitespace excluded.

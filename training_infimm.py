@@ -21,11 +21,18 @@ decoder layer and its gated cross-attention block one FSDP unit before accelerat
 Device maps: `infer_device_map` (from `device_map_infimm`, which ships with the remote code) runs accelerate's
 `infer_auto_device_map`, then places every gated cross-attention block on its decoder layer's device and keeps the
 vision tower on the main device. `meta_model` builds the storage-free model to plan on.
+
+Data: `validate_dataset` runs every row through the collator's own checks before training, naming the file and line
+(or row index) of a bad row, or leaves bad rows out and counts them (`skip_bad_rows=True`).
 """
 
+import codecs
 import hashlib
+import itertools
 import json
-from dataclasses import dataclass
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -415,23 +422,237 @@ def _drop_sharded_classes_from_auto_wrap(model, plugin) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- data
-def load_jsonl(path) -> list[dict]:
-    """Rows of a JSONL file (blank lines skipped); errors name the line."""
-    rows = []
-    with open(path, encoding="utf-8") as handle:
+def _jsonl_lines(path) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, bytes) of every non-blank line, numbered as editors and `wc -l` count lines."""
+    with open(path, "rb") as handle:
         for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({err}).") from err
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}, line {number}: each line must be a JSON object; got {type(row).__name__}.")
-            rows.append(row)
+            if number == 1:
+                line = line.removeprefix(codecs.BOM_UTF8)  # some editors start UTF-8 files with a byte-order mark
+            if line.strip():
+                yield number, line
+
+
+def _parse_jsonl_line(line: bytes) -> dict:
+    """One JSONL line as a dict, or a `ValueError` saying why it is not one."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"not UTF-8 text ({err}). Save the file as UTF-8.") from err
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"not valid JSON ({err}). Each line must hold one complete JSON object.") from err
+    except RecursionError as err:
+        raise ValueError("JSON nested too deeply to read. Flatten the row.") from err
+    if not isinstance(row, dict):
+        raise ValueError(f"each line must be a JSON object; got {type(row).__name__}.")
+    return row
+
+
+def load_jsonl(path) -> list[dict]:
+    """Rows of a JSONL file (blank lines skipped); errors name the line. `validate_dataset` also checks the rows."""
+    rows = []
+    for number, line in _jsonl_lines(path):
+        try:
+            rows.append(_parse_jsonl_line(line))
+        except ValueError as err:
+            raise ValueError(f"{path}, line {number}: {err}") from err
     if not rows:
         raise ValueError(f"{path} holds no examples.")
     return rows
+
+
+_SKIP_HINT = (
+    "Fix the row, or leave out every row that cannot be used with `skip_bad_rows=True` (`--skip-bad-rows` in "
+    "examples/finetune.py); they are then counted and reported."
+)
+
+
+@dataclass
+class DataReport:
+    """What `validate_dataset` found: rows read, rows left out, and the first reasons, each naming its row."""
+
+    source: str
+    rows: int = 0
+    skipped: int = 0
+    reasons: list[str] = field(default_factory=list)
+    max_reasons: int = 5
+
+    def add(self, where: str, problem: Exception | None) -> None:
+        self.rows += 1
+        if problem is not None:
+            self.skipped += 1
+            if len(self.reasons) < self.max_reasons:
+                self.reasons.append(_describe(where, problem))
+
+    def metrics(self) -> dict:
+        """For `train_results.json`: row counts and the first reasons."""
+        return {"data_rows": self.rows, "data_rows_skipped": self.skipped, "data_skipped_reasons": list(self.reasons)}
+
+    def __str__(self) -> str:
+        lines = [f"{self.source}: {self.skipped} of {self.rows} rows left out"]
+        lines += [f"  {reason}" for reason in self.reasons]
+        if self.skipped > len(self.reasons):
+            lines.append(f"  ... and {self.skipped - len(self.reasons)} more")
+        return "\n".join(lines)
+
+
+def _describe(where: str, problem: Exception, limit: int = 1000) -> str:
+    """`where: what is wrong`, cut short: a huge string in the data would otherwise be repeated whole."""
+    text = f"{where}: {str(problem) or type(problem).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _row_problem(collator, row) -> Exception | None:
+    """What a training step would raise on `row` (`collator`'s own checks), or None."""
+    try:
+        collator.check_example(row)
+    except (ValueError, OSError) as err:
+        return err
+    return None
+
+
+def _judge(report: DataReport, where: str, problem: Exception | None, skip_bad_rows: bool) -> bool:
+    """Records the row; True to keep it. Without `skip_bad_rows` a bad row stops everything, naming the row."""
+    if problem is not None and not skip_bad_rows:
+        raise ValueError(f"{_describe(where, problem)}\n{_SKIP_HINT}") from problem
+    report.add(where, problem)
+    return problem is None
+
+
+def validate_dataset(data, collator, *, skip_bad_rows: bool = False, first_rows: int = 1000, max_reasons: int = 5,
+                     name: str | None = None):
+    """Checks every row with `collator`'s own rules before training; returns `(dataset, DataReport)`.
+
+    Each row goes through `collator.check_example`, the encoding and image loading a batch does: the kind of row and
+    its keys and types, well-formed messages, one `<image>` per image, and every image present, a file, readable and
+    decodable (relative paths under the collator's `image_root`). So a row that passes cannot fail a training step,
+    and one that fails would have.
+
+    `data` is one of:
+
+    - a JSON-lines file (path): errors name the file and the 1-based line; lines that are not JSON objects count as
+      bad rows too. The dataset returned is the list of rows.
+    - a map-style dataset (list of dicts, `datasets.Dataset`, torch `Dataset`): errors name the row index. The dataset
+      returned is `data` itself, or the rows kept (`Dataset.select`, a list or a `torch.utils.data.Subset`).
+    - an iterable dataset (`datasets.IterableDataset`, torch `IterableDataset`, any re-iterable): the first
+      `first_rows` rows are checked now, and every row is checked as it is read, before it reaches a batch. The
+      dataset returned yields the good rows. Rows are counted by position in the stream, once, even across epochs;
+      with DataLoader worker processes the counts made while training stay in the workers.
+
+    Without `skip_bad_rows` the first bad row raises a `ValueError` naming it, what is wrong and the fix. With it,
+    bad rows are left out and counted in the report (`report.metrics()` for the run's results; the first
+    `max_reasons` reasons are kept). Which rows are left out depends on the rows alone, so a run resumed from a
+    checkpoint sees the same dataset. Decoding every image takes time on large datasets: an iterable dataset
+    spreads it over the run.
+    """
+    if isinstance(data, (str, os.PathLike)):
+        return _validate_jsonl(Path(data), collator, skip_bad_rows, max_reasons)
+    if isinstance(data, dict):  # a DatasetDict, or one row
+        raise ValueError(
+            f"validate_dataset takes one dataset (rows), not a {type(data).__name__}: pass one split, e.g. "
+            "`dataset['train']`, or a list of rows."
+        )
+    name = name or type(data).__name__
+    map_style = hasattr(data, "__len__") and hasattr(data, "__getitem__")
+    if map_style and not isinstance(data, torch.utils.data.IterableDataset):
+        return _validate_rows(data, collator, skip_bad_rows, max_reasons, name)
+    if hasattr(data, "__iter__"):
+        return _validate_stream(data, collator, skip_bad_rows, max_reasons, name, first_rows)
+    raise ValueError(
+        f"validate_dataset cannot read a {type(data).__name__}: pass a JSONL path, a list of rows, a `datasets.Dataset` "
+        "or an iterable dataset."
+    )
+
+
+def _validate_jsonl(path: Path, collator, skip_bad_rows: bool, max_reasons: int):
+    report, rows = DataReport(str(path), max_reasons=max_reasons), []
+    for number, line in _jsonl_lines(path):
+        try:
+            row, problem = _parse_jsonl_line(line), None
+        except ValueError as err:
+            row, problem = None, err
+        if problem is None:
+            problem = _row_problem(collator, row)
+        if _judge(report, f"{path}, line {number}", problem, skip_bad_rows):
+            rows.append(row)
+    if report.rows == 0:
+        raise ValueError(f"{path} holds no examples.")
+    _check_kept(report, len(rows))
+    return rows, report
+
+
+def _validate_rows(data, collator, skip_bad_rows: bool, max_reasons: int, name: str):
+    report, kept = DataReport(name, max_reasons=max_reasons), []
+    for index in range(len(data)):
+        if _judge(report, f"{name}, row index {index}", _row_problem(collator, data[index]), skip_bad_rows):
+            kept.append(index)
+    if report.rows == 0:
+        raise ValueError(f"The dataset {name} holds no examples.")
+    _check_kept(report, len(kept))
+    if len(kept) == len(data):
+        return data, report
+    if hasattr(data, "select"):  # datasets.Dataset: stays one, with its features
+        return data.select(kept), report
+    if isinstance(data, (list, tuple)):
+        return [data[index] for index in kept], report
+    return torch.utils.data.Subset(data, kept), report
+
+
+def _check_kept(report: DataReport, kept: int) -> None:
+    if kept == 0:
+        raise ValueError(f"No row of {report.source} can be used for training.\n{report}")
+    if report.skipped:
+        logger.warning("Leaving out rows that cannot be used for training.\n%s", report)
+
+
+def _validate_stream(data, collator, skip_bad_rows: bool, max_reasons: int, name: str, first_rows: int):
+    if iter(data) is data:
+        raise ValueError(
+            f"validate_dataset needs a dataset it can read more than once, not a one-pass {type(data).__name__} "
+            "(an iterator or generator): wrap it, e.g. `datasets.IterableDataset.from_generator(...)`."
+        )
+    if first_rows < 0:
+        raise ValueError(f"`first_rows` must be 0 or more; got {first_rows}.")
+    stream = CheckedStream(data, collator, skip_bad_rows, DataReport(name, max_reasons=max_reasons))
+    for index, row in enumerate(itertools.islice(data, first_rows)):
+        _judge(stream.report, stream.where(index), _row_problem(collator, row), skip_bad_rows)
+    if stream.report.rows < first_rows:  # the whole stream has been read
+        if stream.report.rows == 0:
+            raise ValueError(f"The dataset {name} holds no examples.")
+        _check_kept(stream.report, stream.report.rows - stream.report.skipped)
+    elif stream.report.skipped:
+        logger.warning("Leaving out rows that cannot be used for training.\n%s", stream.report)
+    return stream, stream.report
+
+
+class CheckedStream(torch.utils.data.IterableDataset):
+    """An iterable dataset that yields only the rows `collator` can train on (see `validate_dataset`)."""
+
+    def __init__(self, data, collator, skip_bad_rows: bool, report: DataReport):
+        self.data = data
+        self.collator = collator
+        self.skip_bad_rows = skip_bad_rows
+        self.report = report
+
+    def where(self, index: int) -> str:
+        return f"{self.report.source}, row index {index}"
+
+    def __iter__(self):
+        for index, row in enumerate(self.data):
+            problem = _row_problem(self.collator, row)
+            if index < self.report.rows:  # counted on an earlier pass: decided alike, counted once
+                if problem is not None and not self.skip_bad_rows:
+                    raise ValueError(f"{_describe(self.where(index), problem)}\n{_SKIP_HINT}") from problem
+            else:
+                _judge(self.report, self.where(index), problem, self.skip_bad_rows)
+            if problem is None:
+                yield row
+
+    def set_epoch(self, epoch: int) -> None:
+        """Passed on, so a shuffling dataset reshuffles per epoch as it would unwrapped."""
+        if hasattr(self.data, "set_epoch"):
+            self.data.set_epoch(epoch)
 
 
 def has_text_only_examples(rows) -> bool:
@@ -471,6 +692,9 @@ __all__ = [
     "shard_blocks_with_layers",
     "InfiMMTrainer",
     "load_jsonl",
+    "validate_dataset",
+    "DataReport",
+    "CheckedStream",
     "has_text_only_examples",
     "infer_device_map",
     "place_blocks_with_layers",

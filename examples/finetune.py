@@ -1,7 +1,7 @@
 """Fine-tune InfiMM with `Trainer`: the paper's three stages, optional LoRA, any `TrainingArguments` flag.
 
     python examples/finetune.py --model DIR --stage pt|mtt|ift (--data FILE.jsonl | --synthetic N) \
-        --output-dir OUT [--max-steps N] [--lora] [any TrainingArguments flag]
+        --output-dir OUT [--max-steps N] [--lora] [--skip-bad-rows] [any TrainingArguments flag]
 
 `--stage` sets what trains (vision tower always frozen; PT/MTT: resampler + gated cross-attention; IFT: also the
 LLM for Llama-2, not for chat LLMs unless `--train-llm true`) and the paper's optimiser defaults for that stage
@@ -14,6 +14,12 @@ Data: one JSON object per line, images as paths relative to the JSONL file:
                   {"role": "assistant", "content": "A cat."}]}          (loss on assistant turns)
     {"text": "<image>A cat.<|endofchunk|><image>A dog.<|endofchunk|>", "images": ["cat.png", "dog.png"]}
     {"image": "cat.png", "caption": "A cat."}                          (loss on the text after the first image)
+
+Every row is checked before the model is loaded, with the collator's own rules (`validate_dataset`): a row that cannot
+be trained on (missing, unreadable or damaged image, `<image>` count unlike the image count, malformed messages, a
+line that is not a JSON object) stops the run with an error naming FILE.jsonl and the line. `--skip-bad-rows` leaves
+such rows out instead; their count and the first reasons are logged and written to train_results.json. Which rows are
+left out depends on the data alone, so a resumed run trains on the same rows.
 
 Multi-process: `torchrun --nproc_per_node 2 examples/finetune.py ...` or `accelerate launch examples/finetune.py ...`
 (DDP); FSDP2: `accelerate launch --config_file examples/fsdp.yaml examples/finetune.py ...` (GPUs; each decoder layer
@@ -54,11 +60,11 @@ from infimm.training_infimm import (
     count_parameters,
     has_text_only_examples,
     load_connector,
-    load_jsonl,
     mark_for_remote_code,
     meta_model,
     recipe,
     save_lora,
+    validate_dataset,
     weights_checksum,
 )
 
@@ -92,12 +98,17 @@ class ScriptArguments:
     checksum_dir: str | None = field(
         default=None, metadata={"help": "Each rank writes the sha256 of its trainable weights here after training."}
     )
+    skip_bad_rows: bool = field(
+        default=False,
+        metadata={"help": "Leave out data rows that cannot be trained on (counted, and the first reasons reported) "
+                          "instead of stopping with an error that names the row."},
+    )
 
 
 # ------------------------------------------------------------------------------------------------- models
-def build_tiny_model(seed: int = 0):
-    """A small random-weight InfiMM with the infimm-zephyr layout and the real tokenizer (weights are random)."""
-    config = InfiMMConfig.from_preset(
+def tiny_config():
+    """The infimm-zephyr layout, scaled down to a few hundred thousand parameters."""
+    return InfiMMConfig.from_preset(
         "infimm-zephyr",
         vision_config={"model_args": {"img_size": 28, "patch_size": 14, "embed_dim": 32, "depth": 2, "num_heads": 2}},
         text_config={"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
@@ -105,25 +116,35 @@ def build_tiny_model(seed: int = 0):
         resampler_depth=2, resampler_num_latents=4, resampler_heads=2, resampler_head_dim=8,
         cross_attn_heads=2, cross_attn_head_dim=8,
     )
+
+
+def build_tiny_model(seed: int = 0):
+    """A small random-weight InfiMM with the infimm-zephyr layout and the real tokenizer (weights are random)."""
+    config = tiny_config()
     torch.manual_seed(seed)
     model = InfiMMForConditionalGeneration(config)
     processor = InfiMMProcessor.from_config(config, bundled_tokenizer("infimm-zephyr"))
     return model, processor
 
 
+def load_processor(name: str):
+    """The processor alone, so the data can be checked before the weights are loaded."""
+    if name == "tiny":
+        return InfiMMProcessor.from_config(tiny_config(), bundled_tokenizer("infimm-zephyr"))
+    try:
+        return InfiMMProcessor.from_pretrained(name)
+    except (OSError, ValueError, TypeError):
+        # A folder with a tokenizer but no processor files (e.g. a bare conversion): build it from the config.
+        return InfiMMProcessor.from_config(InfiMMConfig.from_pretrained(name), AutoTokenizer.from_pretrained(name))
+
+
 def load_model(name: str, dtype: str, seed: int):
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     if name == "tiny":
         logger.warning("Building a tiny random-weight InfiMM (--model tiny): its outputs are meaningless.")
-        model, processor = build_tiny_model(seed)
-        return model.to(torch.float32 if dtype == "auto" else torch_dtype), processor
-    model = InfiMMForConditionalGeneration.from_pretrained(name, dtype=torch_dtype)
-    try:
-        processor = InfiMMProcessor.from_pretrained(name)
-    except (OSError, ValueError, TypeError):
-        # A folder with a tokenizer but no processor files (e.g. a bare conversion): build it from the config.
-        processor = InfiMMProcessor.from_config(model.config, AutoTokenizer.from_pretrained(name))
-    return model, processor
+        model = build_tiny_model(seed)[0]
+        return model.to(torch.float32 if dtype == "auto" else torch_dtype)
+    return InfiMMForConditionalGeneration.from_pretrained(name, dtype=torch_dtype)
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -279,13 +300,24 @@ def main(argv=None):
         data_path = data_dir / "data.jsonl"
     else:
         data_path = Path(script_args.data)
-    rows = load_jsonl(data_path)
+
+    processor = load_processor(script_args.model)
+    collator = InfiMMDataCollator(
+        processor,
+        max_length=script_args.max_length or recipe(script_args.stage).max_length,
+        max_images=script_args.max_images,
+        image_overflow=script_args.image_overflow,
+        image_root=data_path.parent,
+    )
+    # Every row through the collator that trains on it, before the weights are loaded: a bad row fails now, naming
+    # its line, instead of at the step that reaches it (and again at every resume).
+    rows, data_report = validate_dataset(data_path, collator, skip_bad_rows=script_args.skip_bad_rows)
     if training_args.ddp_find_unused_parameters is None:
         # A batch without images leaves the connector without gradients, and DDP must be told to expect that; when
         # every example has an image, every trainable weight gets a gradient at every step.
         training_args.ddp_find_unused_parameters = has_text_only_examples(rows)
 
-    model, processor = load_model(script_args.model, script_args.model_dtype, training_args.seed)
+    model = load_model(script_args.model, script_args.model_dtype, training_args.seed)
     mark_for_remote_code(model)
     parts = apply_stage(model, script_args.stage, script_args.train_llm)
     if script_args.lora:
@@ -295,13 +327,6 @@ def main(argv=None):
         print(f"stage {script_args.stage}: training {', '.join(parts)}{' + LoRA on the LLM' if script_args.lora else ''}")
         print(counts)
 
-    collator = InfiMMDataCollator(
-        processor,
-        max_length=script_args.max_length or recipe(script_args.stage).max_length,
-        max_images=script_args.max_images,
-        image_overflow=script_args.image_overflow,
-        image_root=data_path.parent,
-    )
     trainer = InfiMMTrainer(
         model=model,
         args=training_args,
@@ -341,8 +366,9 @@ def main(argv=None):
         trainer.save_model(str(output_dir))
     # What transformers' example scripts leave beside the model: the metrics (train_results.json, all_results.json)
     # and the Trainer state with the log history (trainer_state.json). Each writes on the main process only.
-    metrics = {**train_result.metrics, "train_samples": len(rows)}
-    trainer.log_metrics("train", metrics)
+    # The data check's row counts and first reasons go with them (the reasons were logged before training).
+    metrics = {**train_result.metrics, "train_samples": len(rows), **data_report.metrics()}
+    trainer.log_metrics("train", {key: value for key, value in metrics.items() if not isinstance(value, list)})
     trainer.save_metrics("train", metrics)
     trainer.save_state()
     trainer.accelerator.wait_for_everyone()

@@ -171,3 +171,40 @@ def test_relative_image_paths_and_count_errors(processor, tmp_path):
         collator.encode({"caption": "A cat."})
     with pytest.raises(ValueError, match="start with a system or user message"):
         collator.encode({"messages": [{"role": "assistant", "content": "Hi"}]})
+
+
+@pytest.mark.parametrize("example, says", [
+    ({"text": "<image>A cat.", "images": "red.png"}, r"`images` must be a list of images .*; got str"),  # not 7 images
+    ({"text": "<image>A cat.", "images": 3}, r"`images` must be a list of images .*; got int"),
+    ({"text": "<image>A cat.", "images": {"red.png": 1}}, r"`images` must be a list of images .*; got dict"),
+    ({"text": 5}, "`text` must be a string; got int"),
+    ({"image": "red.png", "caption": ["A cat."]}, "`caption` must be a string; got list"),
+    ({"messages": [{"role": "user", "content": 5}]}, "Message 0 has content of type int"),
+    ({"text": "<image>A cat.", "images": [["red.png"]]}, "a list of several images, not one image"),
+    ({"text": "A broken escape \ud800."}, "not valid Unicode"),
+    ({"text": "<image>A cat.", "images": [""]}, "An image path is empty"),
+])
+def test_malformed_fields_are_value_errors(processor, tmp_path, example, says):
+    RED.save(tmp_path / "red.png")
+    with pytest.raises(ValueError, match=says):
+        _collator(processor, image_root=tmp_path)([example])
+
+
+def test_image_path_errors_say_where_a_relative_path_was_read(processor, tmp_path):
+    (tmp_path / "photos").mkdir()
+    collator = _collator(processor, image_root=tmp_path)
+    with pytest.raises(ValueError, match=r"photos' is a directory.*\(The data gives the image as 'photos'; relative "
+                                         r"paths are read from `image_root`, '.*'\.\)"):
+        collator([{"image": "photos", "caption": "A cat."}])
+    with pytest.raises(ValueError, match=r"cat.png' does not exist.*as 'cat.png'; relative paths are read from"):
+        collator([{"image": "cat.png", "caption": "A cat."}])
+
+
+def test_columns_holding_none_do_not_count(processor):
+    """A `datasets.Dataset` of mixed kinds gives every row every column, None where the row has no value."""
+    collator = _collator(processor)
+    pair = collator.encode({"image": RED, "caption": "A cat.", "text": None, "images": None, "messages": None})
+    document = collator.encode({"text": "<image>A cat.<|endofchunk|>", "images": [RED], "image": None, "caption": None})
+    assert pair.input_ids == document.input_ids == [1, I, *A_CAT, E]
+    chat = collator.encode({**_chat(RED), "images": None, "image": None, "text": None})
+    assert chat.input_ids == ZEPHYR_PROMPT + IT_IS_A_CHART + [2, 28705, 13]

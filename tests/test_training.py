@@ -296,6 +296,86 @@ def test_outputs_and_resume_from_checkpoint_continue_the_run(tmp_path):
     assert state["global_step"] == 3 and [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3]
 
 
+def _data_with_a_bad_row(folder, bad_row):
+    """Four synthetic image-caption rows with `bad_row` inserted as line 3."""
+    path = _import_finetune().write_synthetic_dataset(folder, 4, "pt")
+    lines = path.read_text().splitlines()
+    lines.insert(2, json.dumps(bad_row))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_bad_row_stops_the_example_before_the_model_loads(tmp_path, monkeypatch):
+    finetune = _import_finetune()
+    data = _data_with_a_bad_row(tmp_path / "data", {"image": "images/gone.png", "caption": "Gone."})
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(finetune, "load_model", load_model)
+    with pytest.raises(ValueError, match=r"(?s)data.jsonl, line 3: Image file '.*images/gone.png' does not exist.*"
+                                         r"as 'images/gone.png'.*--skip-bad-rows"):
+        finetune.main(["--stage", "pt", "--data", str(data), "--output-dir", str(tmp_path / "out"), "--max-steps", "1"])
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_skip_bad_rows_reports_them_and_resumes_exactly(tmp_path):
+    """`--skip-bad-rows` leaves the bad row out before training and writes the count and reason to the results; a run
+    interrupted after step 1 and resumed from its checkpoint ends with the same weights as the uninterrupted run."""
+    finetune = _import_finetune()
+    data = _data_with_a_bad_row(tmp_path / "data", {"text": "<image><image>A red square.",
+                                                    "images": ["images/red-square.png"]})
+    out = tmp_path / "run"
+    common = ["--stage", "pt", "--data", str(data), "--skip-bad-rows", "--max-steps", "3",
+              "--per-device-train-batch-size", "2", "--learning-rate", "1e-2", "--disable-tqdm", "true",
+              "--logging-steps", "1", "--output-dir", str(out), "--save-strategy", "steps", "--save-steps", "1"]
+    straight = finetune.main(common)
+    weights = training.weights_checksum(straight.model, trainable_only=False)
+    losses = {entry["step"]: entry["loss"] for entry in straight.state.log_history if "loss" in entry}
+    assert sorted(losses) == [1, 2, 3]
+    results = json.loads((out / "train_results.json").read_text())
+    assert (results["train_samples"], results["data_rows"], results["data_rows_skipped"]) == (4, 5, 1)
+    [reason] = results["data_skipped_reasons"]
+    assert reason.startswith(f"{data}, line 3: An interleaved document has 2 `<image>` tokens but 1 images.")
+    assert json.loads((out / "all_results.json").read_text())["data_skipped_reasons"] == [reason]
+
+    for step in (2, 3):  # interrupted after step 1
+        shutil.rmtree(out / f"checkpoint-{step}")
+    resumed = finetune.main([*common, "--resume-from-checkpoint", "last"])
+    assert resumed.state.global_step == 3
+    resumed_losses = {entry["step"]: entry["loss"] for entry in resumed.state.log_history if "loss" in entry}
+    assert resumed_losses == losses
+    assert training.weights_checksum(resumed.model, trainable_only=False) == weights
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __iter__(self):
+        return iter(self.rows)
+
+
+def test_a_stream_is_checked_row_by_row_while_training(tokenizer, tmp_path):
+    """Past the rows checked up front, each row of an iterable dataset is checked before it reaches a batch."""
+    rows = [*_pairs(), {"text": "<image> without its image"}, *_pairs()]
+    model = tiny_model()
+    training.apply_stage(model, "pt")
+    collator = InfiMMDataCollator(_processor(model, tokenizer))
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2, report_to="none",
+                             remove_unused_columns=False, use_cpu=True, disable_tqdm=True, save_strategy="no")
+    stream, report = training.validate_dataset(_Stream(rows), collator, first_rows=2, name="stream")
+    trainer = Trainer(model=model, args=args, train_dataset=stream, data_collator=collator)
+    with pytest.raises(ValueError, match="stream, row index 4: An interleaved document has 1 `<image>` tokens"):
+        trainer.train()
+    assert trainer.state.global_step < 3
+
+    stream, report = training.validate_dataset(_Stream(rows), collator, first_rows=2, skip_bad_rows=True,
+                                               name="stream")
+    Trainer(model=model, args=args, train_dataset=stream, data_collator=collator).train()
+    assert report.skipped == 1 and report.reasons[0].startswith("stream, row index 4: ")
+
+
 # ----------------------------------------------------------------------------------- distributed and reload
 RELOAD = textwrap.dedent(
     """
