@@ -38,13 +38,13 @@ import torch
 
 from transformers.utils import logging
 
+from .image_processing_infimm import pad_image_slots
+from .processing_infimm import conversation_images, image_source, item_kind, message_items
+
 
 logger = logging.get_logger(__name__)
 
 IGNORE_INDEX = -100
-
-_IMAGE_ITEM_KEYS = ("image", "url", "path", "base64")
-
 
 @dataclass
 class EncodedExample:
@@ -55,33 +55,9 @@ class EncodedExample:
     images: list = field(default_factory=list)
 
 
-def conversation_images(messages) -> list:
-    """Image items of a conversation in the order the chat template writes their `<image>` markers."""
-    images = []
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, dict):
-            content = [content]
-        if not isinstance(content, (list, tuple)):
-            continue
-        for item in content:
-            if not isinstance(item, dict):
-                continue
-            kind = item.get("type")
-            if kind == "image_url":
-                url = item.get("image_url")
-                images.append(url.get("url") if isinstance(url, dict) else url)
-            elif kind == "image" or (kind is None and any(item.get(key) is not None for key in _IMAGE_ITEM_KEYS)):
-                key = next((key for key in _IMAGE_ITEM_KEYS if item.get(key) is not None), None)
-                source = item.get(key) if key is not None else None
-                if key == "base64" and isinstance(source, str) and not source.startswith("data:"):
-                    source = "data:image/unknown;base64," + source
-                images.append(source)
-    return images
-
-
-def _has_source(item: dict) -> bool:
-    return item.get("type") == "image_url" or any(item.get(key) is not None for key in _IMAGE_ITEM_KEYS)
+def _is_placeholder(item) -> bool:
+    """TRL's `{"type": "image"}` without a picture: it takes the next of the row's `images`."""
+    return isinstance(item, dict) and item.get("type") == "image" and image_source(item) is None
 
 
 def fill_image_placeholders(messages, images):
@@ -97,20 +73,11 @@ def fill_image_placeholders(messages, images):
     if not isinstance(messages, (list, tuple)):
         return messages  # `_encode_chat` explains what a conversation must be
 
-    def contents(message):
-        content = message.get("content") if isinstance(message, dict) else None
-        return [content] if isinstance(content, dict) else content if isinstance(content, (list, tuple)) else []
-
-    placeholders = sum(
-        1 for message in messages for item in contents(message)
-        if isinstance(item, dict) and item.get("type") == "image" and not _has_source(item)
-    )
+    placeholders = sum(1 for message in messages for item in message_items(message) if _is_placeholder(item))
     if placeholders == 0 and images:
         first_user = next((m for m in messages if isinstance(m, dict) and m.get("role") == "user"), None)
-        has_image_items = any(
-            isinstance(item, dict) and (item.get("type") in ("image", "image_url") or _has_source(item))
-            for message in messages for item in contents(message)
-        )
+        has_image_items = any(isinstance(item, dict) and item_kind(item) == "image"
+                              for message in messages for item in message_items(message))
         if first_user is not None and isinstance(first_user.get("content"), str) and not has_image_items:
             index = messages.index(first_user)
             content = [*({"type": "image"} for _ in images), {"type": "text", "text": first_user["content"]}]
@@ -128,11 +95,7 @@ def fill_image_placeholders(messages, images):
         if isinstance(content, dict):
             content = [content]
         if isinstance(content, (list, tuple)):
-            content = [
-                {**item, "image": next(remaining)}
-                if isinstance(item, dict) and item.get("type") == "image" and not _has_source(item) else item
-                for item in content
-            ]
+            content = [{**item, "image": next(remaining)} if _is_placeholder(item) else item for item in content]
             message = {**message, "content": content}
         filled.append(message)
     return filled
@@ -257,14 +220,7 @@ class InfiMMDataCollator:
             return {}
         flat = [self._load_image(image) for images in per_sample for image in images]
         pixels = self.image_processor(flat, return_tensors="pt")["pixel_values"]
-        pixel_values = pixels.new_zeros((len(per_sample), max_images, *pixels.shape[1:]))
-        image_mask = torch.zeros((len(per_sample), max_images), dtype=torch.bool)
-        start = 0
-        for row, images in enumerate(per_sample):
-            pixel_values[row, : len(images)] = pixels[start : start + len(images)]
-            image_mask[row, : len(images)] = True
-            start += len(images)
-        return {"pixel_values": pixel_values, "image_mask": image_mask}
+        return pad_image_slots(pixels, [len(images) for images in per_sample])
 
     def _load_image(self, image):
         if isinstance(image, os.PathLike):
@@ -449,4 +405,4 @@ class InfiMMDataCollator:
         return EncodedExample(input_ids, sample.labels[window], images)
 
 
-__all__ = ["InfiMMDataCollator", "EncodedExample", "IGNORE_INDEX", "conversation_images", "fill_image_placeholders"]
+__all__ = ["InfiMMDataCollator", "EncodedExample", "IGNORE_INDEX", "fill_image_placeholders"]

@@ -405,6 +405,33 @@ class InfiMMImageProcessorFast(_InfiMMImageProcessingMixin, TorchvisionBackend):
         super().__init__(image_size=image_size, background_color=background_color, **kwargs)
 
 
+def pad_image_slots(pixels, counts: list[int]) -> dict:
+    """The model's image layout from the pixels of a batch's images: `pixels` `(sum(counts), 3, H, W)` (numpy array
+    or torch tensor), `counts` the number of images of each sample, in order. Returns `pixel_values`
+    `(batch, max(counts), 3, H, W)` with all-zero slots after a sample's images and `image_mask` `(batch,
+    max(counts))` True for real images, in the library of `pixels`; {} when no sample has an image.
+
+    The one place that lays images into slots: the processor, the training collator and the batching pipeline use it.
+    """
+    slots = max(counts, default=0)
+    if slots == 0:
+        return {}
+    if len(pixels) != sum(counts):
+        raise ValueError(f"{len(pixels)} images for samples holding {sum(counts)} ({counts}).")
+    shape = (len(counts), slots, *pixels.shape[1:])
+    if isinstance(pixels, np.ndarray):
+        pixel_values, image_mask = np.zeros(shape, dtype=pixels.dtype), np.zeros(shape[:2], dtype=bool)
+    else:
+        pixel_values = pixels.new_zeros(shape)
+        image_mask = pixels.new_zeros(shape[:2], dtype=bool)
+    start = 0
+    for row, count in enumerate(counts):
+        pixel_values[row, :count] = pixels[start : start + count]
+        image_mask[row, :count] = True
+        start += count
+    return {"pixel_values": pixel_values, "image_mask": image_mask}
+
+
 _IMAGE_PROCESSOR_CLASSES = {klass.__name__: klass for klass in (InfiMMImageProcessor, InfiMMImageProcessorFast)}
 
 
@@ -436,6 +463,7 @@ __all__ = [
     "InfiMMImageProcessor",
     "InfiMMImageProcessorFast",
     "load_image",
+    "pad_image_slots",
     "to_rgb_image",
     "DOWNLOAD_TIMEOUT",
     "DOWNLOAD_DEADLINE",

@@ -24,6 +24,8 @@ from transformers.pipelines.base import no_collate_fn, pad_collate_fn
 from transformers.pipelines.image_text_to_text import ImageTextToTextPipeline
 from transformers.pipelines.pt_utils import PipelineDataset, PipelineIterator
 
+from .image_processing_infimm import pad_image_slots
+
 
 PIPELINE_TASK = "image-text-to-text"
 # The entry a saved config carries in `custom_pipelines` (the form `Pipeline.save_pretrained` writes).
@@ -72,7 +74,7 @@ class InfiMMImageTextToTextPipeline(ImageTextToTextPipeline):
                 return_tensors="pt",
             )
         )
-        batch.update(_pad_image_slots(items))
+        batch.update(_image_slots(items))
         rest = [{key: value for key, value in item.items() if key not in _TEXT_KEYS + _IMAGE_KEYS} for item in items]
         if rest[0]:
             # `text` (the prompt, or the chat) and any other key: the library's own collation.
@@ -81,26 +83,28 @@ class InfiMMImageTextToTextPipeline(ImageTextToTextPipeline):
         return batch
 
 
-def _pad_image_slots(items: list) -> dict:
-    """`pixel_values` (batch, max_images, 3, H, W) and `image_mask` (batch, max_images), real images first."""
-    counts = [item["pixel_values"].shape[1] if "pixel_values" in item else 0 for item in items]
-    if not any(counts):
+def _image_slots(items: list) -> dict:
+    """`pixel_values` (batch, max_images, 3, H, W) and `image_mask` (batch, max_images) of preprocessed samples (each
+    `(1, its images, 3, H, W)`, or no pixel keys), laid out by the package's one slot padder."""
+    with_images = [item for item in items if "pixel_values" in item]
+    if not with_images:
         return {}
-    reference = next(item["pixel_values"] for item in items if "pixel_values" in item)
-    pixel_values = reference.new_zeros((len(items), max(counts), *reference.shape[2:]))
-    image_mask = torch.zeros((len(items), max(counts)), dtype=torch.bool)
-    for row, (item, count) in enumerate(zip(items, counts)):
-        if not count:
+    reference = with_images[0]["pixel_values"].shape[2:]
+    images, counts = [], []
+    for row, item in enumerate(items):
+        if "pixel_values" not in item:
+            counts.append(0)
             continue
-        if item["pixel_values"].shape[2:] != reference.shape[2:]:
+        if item["pixel_values"].shape[2:] != reference:
             raise ValueError(
                 f"Sample {row} of the batch has images of shape {tuple(item['pixel_values'].shape[2:])} but another "
-                f"has {tuple(reference.shape[2:])}; preprocess every sample with the same image processor settings."
+                f"has {tuple(reference)}; preprocess every sample with the same image processor settings."
             )
-        pixel_values[row, :count] = item["pixel_values"][0]
         mask = item.get("image_mask")
-        image_mask[row, :count] = True if mask is None else mask[0].to(torch.bool)
-    return {"pixel_values": pixel_values, "image_mask": image_mask}
+        real = item["pixel_values"][0] if mask is None else item["pixel_values"][0][mask[0].to(torch.bool)]
+        images.append(real)
+        counts.append(len(real))
+    return pad_image_slots(torch.cat(images), counts)
 
 
 __all__ = ["CUSTOM_PIPELINE_ENTRY", "InfiMMImageTextToTextPipeline", "PIPELINE_TASK"]

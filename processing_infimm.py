@@ -22,6 +22,7 @@ from .image_processing_infimm import (
     image_processor_from_dict,
     is_image_batch,
     is_single_image,
+    pad_image_slots,
     wants_fast_image_processor,
 )
 from .release_infimm import HUB_KWARGS
@@ -64,7 +65,54 @@ def chat_template_for(chat_format: str) -> str | None:
         ) from err
 
 
-_IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
+# ---------------------------------------------------------------------------------------- conversation items
+# The one walker of a conversation's content items, used by the processor, the collator and the training helpers.
+# An image item is transformers' `{"type": "image", "image"|"url"|"path"|"base64": ...}`, OpenAI's
+# `{"type": "image_url", "image_url": {"url": ...}}` or the release's untyped `{"image": ...}`; keys holding None
+# count as absent (a `datasets` table fills every column of every row).
+IMAGE_SOURCE_KEYS = ("image", "url", "path", "base64")
+
+
+def item_kind(item: dict) -> str | None:
+    """"image", "text", another declared type, or None when an untyped item names neither."""
+    kind = item.get("type")
+    if kind is None:
+        if any(item.get(key) is not None for key in IMAGE_SOURCE_KEYS):
+            return "image"
+        return "text" if "text" in item else None
+    return "image" if kind == "image_url" else kind
+
+
+def image_source(item: dict):
+    """The picture an image item names, or None for a placeholder (TRL's `{"type": "image"}`, filled from the row's
+    `images`). Bare base64 becomes a data URI."""
+    if item.get("type") == "image_url":
+        url = item.get("image_url")
+        return url.get("url") if isinstance(url, dict) else url
+    key = next((key for key in IMAGE_SOURCE_KEYS if item.get(key) is not None), None)
+    if key is None:
+        return None
+    source = item[key]
+    if key == "base64" and isinstance(source, str) and not source.startswith("data:"):
+        source = "data:image/unknown;base64," + source
+    return source
+
+
+def message_items(message) -> list:
+    """A message's content as a list of items ([] for string content or what is not a message)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, dict):
+        return [content]
+    return list(content) if isinstance(content, (list, tuple)) else []
+
+
+def conversation_images(messages) -> list:
+    """Each image item's picture (None for a placeholder), in the order the chat template writes `<image>`.
+
+    Lenient: what is not a message or an item is passed over here; `normalize_conversation` is the strict check.
+    """
+    return [image_source(item) for message in messages for item in message_items(message)
+            if isinstance(item, dict) and item_kind(item) == "image"]
 
 
 class ChatMessageError(TemplateError, ValueError):
@@ -85,13 +133,7 @@ def _normalize_item(item, where: str) -> dict:
             f"{where} has a content item of type {type(item).__name__}; use {{'type': 'text', 'text': ...}} or "
             "{'type': 'image', 'image': ...} items."
         )
-    kind = item.get("type")
-    if kind is None:
-        kind = "image" if any(key in item for key in _IMAGE_SOURCE_KEYS) else "text" if "text" in item else None
-    if kind == "image_url":  # OpenAI style
-        url = item.get("image_url")
-        url = url.get("url") if isinstance(url, dict) else url
-        return {"type": "image", "image": url}
+    kind = item_kind(item)
     if kind == "text":
         if not isinstance(item.get("text"), str):
             raise ChatMessageError(
@@ -99,14 +141,12 @@ def _normalize_item(item, where: str) -> dict:
             )
         return {"type": "text", "text": item["text"]}
     if kind == "image":
-        sources = [key for key in _IMAGE_SOURCE_KEYS if item.get(key) is not None]
-        if not sources:
+        source = image_source(item)
+        if source is None:
             raise ChatMessageError(
-                f"{where} has an image item without an image; give it one of the keys {list(_IMAGE_SOURCE_KEYS)}."
+                f"{where} has an image item without an image; give it one of the keys {list(IMAGE_SOURCE_KEYS)} "
+                "(or, in OpenAI's form, {'type': 'image_url', 'image_url': {'url': ...}})."
             )
-        source = item[sources[0]]
-        if sources[0] == "base64" and isinstance(source, str) and not source.startswith("data:"):
-            source = "data:image/unknown;base64," + source
         return {"type": "image", "image": source}
     raise ChatMessageError(
         f"{where} has a content item of unknown type {kind!r}; InfiMM understands 'text' and 'image' items "
@@ -114,7 +154,7 @@ def _normalize_item(item, where: str) -> dict:
     )
 
 
-def _normalize_conversation(conversation) -> list[dict]:
+def normalize_conversation(conversation) -> list[dict]:
     """Validated copy of one conversation with every content list in transformers' typed-item form."""
     if not isinstance(conversation, (list, tuple)) or not conversation:
         raise ChatMessageError("A conversation must be a non-empty list of {'role': ..., 'content': ...} messages.")
@@ -436,15 +476,7 @@ class InfiMMProcessor(ProcessorMixin):
                     raise ValueError(f"Image {position} of text {index}: {err}") from err
         pixels = self.image_processor(prepared, **images_kwargs)["pixel_values"]
         pixels = [pixel.detach().cpu().numpy() if hasattr(pixel, "detach") else np.asarray(pixel) for pixel in pixels]
-        pixel_values = np.zeros((len(per_sample), max_images, *pixels[0].shape), dtype=np.float32)
-        image_mask = np.zeros((len(per_sample), max_images), dtype=bool)
-        flat_index = 0
-        for index, sample in enumerate(per_sample):
-            for position in range(len(sample)):
-                pixel_values[index, position] = pixels[flat_index]
-                image_mask[index, position] = True
-                flat_index += 1
-        return {"pixel_values": pixel_values, "image_mask": image_mask}
+        return pad_image_slots(np.stack(pixels).astype(np.float32), [len(sample) for sample in per_sample])
 
     # -------------------------------------------------------------------------------------------------- chat
     def apply_chat_template(self, conversation, chat_template=None, **kwargs):
@@ -465,11 +497,11 @@ class InfiMMProcessor(ProcessorMixin):
                 "placeholders and call the processor, or pass `chat_template=` / build it with another chat_format."
             )
         if isinstance(conversation, (list, tuple)) and conversation and isinstance(conversation[0], (list, tuple)):
-            conversation = [_normalize_conversation(conv) for conv in conversation]
+            conversation = [normalize_conversation(conv) for conv in conversation]
         elif hasattr(conversation, "messages"):  # the pipeline's Chat wrapper
-            conversation = _normalize_conversation(conversation.messages)
+            conversation = normalize_conversation(conversation.messages)
         else:
-            conversation = _normalize_conversation(conversation)
+            conversation = normalize_conversation(conversation)
         if kwargs.get("processor_kwargs"):
             processor_kwargs = dict(kwargs["processor_kwargs"])
             processor_kwargs.pop("add_special_tokens", None)
@@ -536,4 +568,10 @@ __all__ = [
     "CHAT_FORMATS",
     "ChatMessageError",
     "chat_template_for",
+    "conversation_images",
+    "image_source",
+    "item_kind",
+    "message_items",
+    "normalize_conversation",
+    "IMAGE_SOURCE_KEYS",
 ]

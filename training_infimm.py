@@ -41,7 +41,7 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
-from .collator_infimm import conversation_images
+from .processing_infimm import conversation_images
 from .device_map_infimm import blocks_follow_layers, infer_device_map, place_blocks_with_layers
 from .device_map_infimm import meta_model as _meta_model
 from .hub_infimm import mark_for_remote_code as _mark_for_remote_code

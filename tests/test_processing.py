@@ -698,3 +698,21 @@ def test_save_load_round_trips_keep_settings_and_ids(tokenizer, tmp_path, image_
     assert (folder / "chat_template.jinja").is_file()
     assert AutoTokenizer.from_pretrained(str(folder))(RELEASE_PROMPT).input_ids == RELEASE_IDS
     assert processor.tokenizer(RELEASE_PROMPT).input_ids == RELEASE_IDS
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+def test_image_slots_are_laid_out_by_hand(library):
+    from infimm.image_processing_infimm import pad_image_slots
+
+    flat = np.arange(3 * 3 * 2 * 2, dtype=np.float32).reshape(3, 3, 2, 2) + 1  # three images, no zero pixel
+    pixels = flat if library == "numpy" else torch.from_numpy(flat)
+    out = pad_image_slots(pixels, [2, 0, 1])
+    assert type(out["pixel_values"]) is type(pixels) and out["pixel_values"].shape == (3, 2, 3, 2, 2)
+    assert np.asarray(out["image_mask"]).tolist() == [[True, True], [False, False], [True, False]]
+    values = np.asarray(out["pixel_values"])
+    np.testing.assert_array_equal(values[0], flat[:2])
+    np.testing.assert_array_equal(values[2, 0], flat[2])
+    assert not values[1].any() and not values[2, 1].any()
+    assert pad_image_slots(pixels[:0], [0, 0]) == {}
+    with pytest.raises(ValueError, match=r"3 images for samples holding 2"):
+        pad_image_slots(pixels, [1, 1])
