@@ -88,6 +88,13 @@ def save_tiny_hub_folder(folder, **model_kwargs):
     return save_hub_folder(model, InfiMMProcessor.from_config(model.config, bundled_tokenizer()), folder)
 
 
+@pytest.fixture(scope="session")
+def hub_folder(tmp_path_factory):
+    """`tiny_model()` saved by the product's own save path (`save_hub_folder`), as users produce folders. Shared by the
+    tests that load it: treat it as read-only (copy it to change it)."""
+    return save_tiny_hub_folder(tmp_path_factory.mktemp("hub") / "tiny-infimm")
+
+
 # The paths users touch (listed in user_path_tests.txt, which CI reads too): marked `user_path`.
 USER_PATH_MODULES = {
     line.split("#", 1)[0].strip()

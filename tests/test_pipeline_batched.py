@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import IMAGES_DIR, save_tiny_hub_folder, tiny_model
+from conftest import IMAGES_DIR, tiny_model
 from helpers_modeling import one_torch_thread  # noqa: F401  (autouse fixture)
 
 from infimm import InfiMMForConditionalGeneration, InfiMMProcessor
@@ -90,11 +90,6 @@ _SCRIPT = textwrap.dedent(
         json.dump(report, handle)
     """
 )
-
-
-@pytest.fixture(scope="module")
-def hub_folder(tmp_path_factory):
-    return save_tiny_hub_folder(tmp_path_factory.mktemp("hub") / "tiny-infimm")
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import IMAGES_DIR, save_tiny_hub_folder
+from conftest import IMAGES_DIR
 from test_processing import QUESTION, RELEASE_IDS, reference_pixels
 
 
@@ -84,11 +84,6 @@ _SCRIPT = textwrap.dedent(
         json.dump(report, handle)
     """
 )
-
-
-@pytest.fixture(scope="module")
-def hub_folder(tmp_path_factory):
-    return save_tiny_hub_folder(tmp_path_factory.mktemp("hub") / "tiny-infimm")
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@
 import configparser
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -70,8 +71,9 @@ _SCRIPT = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def hub_folder(tmp_path_factory):
-    folder = save_tiny_hub_folder(tmp_path_factory.mktemp("hub") / "tiny-infimm")
+def package_folder(hub_folder, tmp_path_factory):
+    """A copy of the saved folder that Python can import as a package (the remote code uses relative imports)."""
+    folder = shutil.copytree(hub_folder, tmp_path_factory.mktemp("package") / "saved")
     (folder / "__init__.py").write_text("")
     return folder
 
@@ -87,15 +89,15 @@ def _import_under(folder: Path, version: str, tmp_path: Path, **env) -> dict:
 
 
 @pytest.mark.parametrize("version", ["4.57.6", "6.0.0"])
-def test_remote_code_refuses_an_unsupported_transformers_at_once(hub_folder, tmp_path, version):
-    report = _import_under(hub_folder, version, tmp_path)
+def test_remote_code_refuses_an_unsupported_transformers_at_once(package_folder, tmp_path, version):
+    report = _import_under(package_folder, version, tmp_path)
     for name, (outcome, message, _) in report.items():
         assert outcome == "ImportError", (name, outcome, message)
         assert f"transformers {version}" in message and TRANSFORMERS_REQUIREMENT in message, message
 
 
-def test_the_check_can_be_skipped_with_a_warning(hub_folder, tmp_path):
-    report = _import_under(hub_folder, "4.57.6", tmp_path, INFIMM_SKIP_TRANSFORMERS_CHECK="1")
+def test_the_check_can_be_skipped_with_a_warning(package_folder, tmp_path):
+    report = _import_under(package_folder, "4.57.6", tmp_path, INFIMM_SKIP_TRANSFORMERS_CHECK="1")
     outcome, message, warned = report["configuration_infimm"]
     # past the check, the stand-in transformers has no AutoConfig: the import fails later, after a warning
     assert warned and "4.57.6" in warned[0]
