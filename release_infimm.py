@@ -13,21 +13,58 @@ package's:
 - `HUB_KWARGS`, `RELEASE_FILE_PATTERNS`, `RELEASE_GENERATION`: how a snapshot is located and what it holds.
 
 It travels with the remote code (`configuration_infimm.py` imports it), so it imports only the standard library,
-torch and transformers.
+torch and transformers (and huggingface_hub, which transformers itself requires).
 """
 
 import copy
 import inspect
+import math
 import numbers
 from dataclasses import dataclass
 
+import torch
 from transformers import AutoConfig
 
 
+try:  # transformers' configs check their fields' types with huggingface_hub's strict dataclasses
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # an older huggingface_hub: the configs raise built-in errors only
+
+    class StrictDataclassError(Exception):
+        """Never raised: stands in for the strict-dataclass error of a newer huggingface_hub."""
+
+
 # ================================================================================================ config.json
+LEGACY_BLOCKS = ("visual", "language")
+NEW_FORMAT_BLOCKS = ("vision_config", "text_config")
+
+
 def is_legacy_config(config_dict) -> bool:
-    """True for the release's `config.json` layout (`visual` and `language` blocks)."""
-    return isinstance(config_dict, dict) and "visual" in config_dict and "language" in config_dict
+    """True for the release's `config.json` layout: a `visual` or a `language` block.
+
+    One block alone is the release's layout too, only incomplete: it is routed here so that
+    `legacy_config_to_dict` refuses it by name, rather than the other block's shapes being filled in with the
+    defaults of a full-size model."""
+    return isinstance(config_dict, dict) and any(block in config_dict for block in LEGACY_BLOCKS)
+
+
+def check_base_fields(values: dict, where: str = ""):
+    """Refuses, naming `{where}{field}`, a wrong kind of value in the fields every transformers config reads in its
+    base class without checking them (they would fail later as an AttributeError or IndexError naming nothing)."""
+    for key in ("id2label", "label2id"):
+        value = values.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise ValueError(f"`{where}{key}` must be a JSON object (label id -> name) or null; got {value!r}.")
+    labels = values.get("id2label") or {}
+    if not all(isinstance(key, int) or (isinstance(key, str) and key.strip().lstrip("-").isdigit()) for key in labels):
+        raise ValueError(f"`{where}id2label` keys must be integer label ids; got {sorted(map(str, labels))[:5]}.")
+    for key in ("dtype", "torch_dtype"):
+        value = values.get(key)
+        if value is not None and not (isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)):
+            raise ValueError(f"`{where}{key}` must name a torch dtype (e.g. \"bfloat16\", \"float32\") or be null; "
+                             f"got {value!r}.")
+    if "model_type" in values and not isinstance(values["model_type"], str):
+        raise ValueError(f"`{where}model_type` must be a string; got {values['model_type']!r}.")
 
 
 # `visual.eva_model_name` -> the timm architecture whose factory builds the tower. The label only picks the
@@ -146,7 +183,7 @@ def visual_to_vision_config(visual) -> dict:
     image_size, patch_size = _positive_int(fields, "image_size"), _positive_int(fields, "patch_size")
     width, layers, head_width = (_positive_int(fields, key) for key in ("width", "layers", "head_width"))
     mlp_ratio = fields["mlp_ratio"]
-    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real) or mlp_ratio <= 0:
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, numbers.Real) or not 0 < mlp_ratio < math.inf:
         raise _visual_error("mlp_ratio", mlp_ratio, "it must be a positive number")
     if image_size % patch_size:
         raise _visual_error("image_size", image_size, f"it must be a multiple of `patch_size` ({patch_size})")
@@ -183,7 +220,8 @@ def visual_to_vision_config(visual) -> dict:
 
     ls_init_value = fields["ls_init_value"]
     if ls_init_value is not None:
-        if isinstance(ls_init_value, bool) or not isinstance(ls_init_value, numbers.Real):
+        if (isinstance(ls_init_value, bool) or not isinstance(ls_init_value, numbers.Real)
+                or not math.isfinite(ls_init_value)):
             raise _visual_error("ls_init_value", ls_init_value, "it must be a number, or null for no layer scale")
         # EVA-CLIP's blocks get layer scale (gamma_1 / gamma_2) only for a value above 0.
         ls_init_value = ls_init_value if ls_init_value > 0 else None
@@ -247,14 +285,26 @@ def language_to_text_config(language) -> dict:
             f"Release config `language.model_type` = {model_type!r} is not supported: the release was built on "
             f"{list(LANGUAGE_MODEL_TYPES)}. For another LLM write a new-format config with `text_config`."
         )
-    known = _config_fields(type(AutoConfig.for_model(model_type)))
-    unknown = sorted(set(language) - known - set(LANGUAGE_DROPPED) - set(LANGUAGE_ALIASES))
+    config_class = type(AutoConfig.for_model(model_type))
+    unknown = sorted(set(language) - _config_fields(config_class) - set(LANGUAGE_DROPPED) - set(LANGUAGE_ALIASES))
     if unknown:
         raise ValueError(
             f"Release config `language` has key(s) {unknown} that a {model_type} config does not read; remove them "
             "or fix their spelling."
         )
-    return {key: copy.deepcopy(value) for key, value in language.items() if key not in LANGUAGE_DROPPED}
+    check_base_fields(language, "language.")
+    text_config = {key: copy.deepcopy(value) for key, value in language.items() if key not in LANGUAGE_DROPPED}
+    _check_builds(config_class, text_config, "language")
+    return text_config
+
+
+def _check_builds(config_class, values: dict, where: str):
+    """Builds the config once, so a value of the wrong type is refused here, as a `ValueError` about `where`,
+    instead of surfacing from deep inside the model's config as another kind of error."""
+    try:
+        config_class(**copy.deepcopy(values))
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, StrictDataclassError) as error:
+        raise ValueError(f"Release config `{where}` is not a valid {config_class.model_type} config: {error}") from None
 
 
 def legacy_chat_format(language: dict) -> str:
@@ -297,12 +347,43 @@ TOP_LEVEL_DROPPED = {
 TOP_LEVEL_READ = ("visual", "language", "torch_dtype", "use_cache")
 
 
+# What each release block holds, for the message when one is missing.
+LEGACY_BLOCK_CONTENTS = {
+    "language": ("the language model's own config.json, e.g. the Mistral or Llama config the variant was built on "
+                 "(with its vocabulary grown by the two media tokens)"),
+    "visual": ("EVA-CLIP's `CLIPVisionCfg` fields of the vision tower: image_size, patch_size, width, layers, "
+               "head_width, mlp_ratio, ..."),
+}
+
+
+def _check_layout(legacy):
+    """Both release blocks, and nothing of the new format beside them."""
+    if not isinstance(legacy, dict):
+        raise ValueError(f"A release config must be a JSON object; got {type(legacy).__name__}.")
+    mixed = [block for block in NEW_FORMAT_BLOCKS if block in legacy]
+    if mixed:
+        raise ValueError(
+            f"The config mixes the release's layout (`visual` / `language` blocks) with the new format's {mixed}; "
+            "keep one: either the release's two blocks, or `vision_config` and `text_config`."
+        )
+    for block, holds in LEGACY_BLOCK_CONTENTS.items():
+        if block not in legacy:
+            other = next(b for b in LEGACY_BLOCKS if b != block)
+            raise ValueError(
+                f"Release config has a `{other}` block but no `{block}` block, so the shape of the model is unknown "
+                f"(it is not guessed). The release's config.json carries both; `{block}` holds {holds}. Add the "
+                f"`{block}` block from the original config.json, or write a new-format config with "
+                "`vision_config` and `text_config`."
+            )
+
+
 def legacy_config_to_dict(legacy: dict) -> dict:
     """Maps the release's `config.json` (`visual` / `language` blocks) onto `InfiMMConfig` fields.
 
     Raises `ValueError` naming the key for anything that is neither used nor deliberately dropped, and for any
     value the tower or the model cannot express.
     """
+    _check_layout(legacy)
     known = set(TOP_LEVEL_FIELDS) | set(PACKAGE_FIELDS) | set(TOP_LEVEL_DROPPED) | set(TOP_LEVEL_READ)
     unknown = sorted(set(legacy) - known)
     if unknown:
@@ -319,6 +400,7 @@ def legacy_config_to_dict(legacy: dict) -> dict:
             raise ValueError(f"Release config `{key}` must be an integer; got {value!r}.")
 
     text_config = language_to_text_config(legacy["language"])
+    check_base_fields(legacy)
     dtype = legacy.get("torch_dtype", legacy["language"].get("torch_dtype"))
     if "torch_dtype" in legacy["language"] and legacy["language"]["torch_dtype"] != dtype:
         raise ValueError(
@@ -326,6 +408,8 @@ def legacy_config_to_dict(legacy: dict) -> dict:
             f"({legacy['language']['torch_dtype']!r}) differ; one model has one dtype, make them agree."
         )
     if "use_cache" in legacy:
+        if not isinstance(legacy["use_cache"], bool):
+            raise ValueError(f"Release config `use_cache` must be true or false; got {legacy['use_cache']!r}.")
         if "use_cache" in text_config and text_config["use_cache"] != legacy["use_cache"]:
             raise ValueError(
                 f"Release config `use_cache` ({legacy['use_cache']!r}) and `language.use_cache` "
@@ -415,8 +499,9 @@ RELEASE_GENERATION = {"do_sample": True, "top_p": 0.5, "top_k": 0, "max_new_toke
 
 
 __all__ = [
-    "is_legacy_config", "legacy_config_to_dict", "visual_to_vision_config", "language_to_text_config",
-    "legacy_chat_format", "LEGACY_EVA_NAMES", "VISUAL_DEFAULTS", "VISUAL_WITHOUT_EFFECT", "TOP_LEVEL_DROPPED",
+    "is_legacy_config", "check_base_fields", "legacy_config_to_dict", "visual_to_vision_config",
+    "language_to_text_config", "legacy_chat_format", "LEGACY_BLOCKS", "NEW_FORMAT_BLOCKS", "LEGACY_EVA_NAMES",
+    "VISUAL_DEFAULTS", "VISUAL_WITHOUT_EFFECT", "TOP_LEVEL_DROPPED",
     "LANGUAGE_DROPPED", "Drop", "Alias", "Vision", "ROTARY_TABLE", "VISION_HEAD", "DECODER_ALIASES",
     "CROSS_ATTENTION_ALIASES", "RELEASE_KEY_PREFIX", "RELEASE_KEY_RULES", "HUB_KWARGS", "RELEASE_FILE_PATTERNS",
     "RELEASE_GENERATION",

@@ -1,4 +1,5 @@
-"""Command line: `python -m convert_weights ...` or `infimm-convert ...`."""
+"""Command line: `python -m convert_weights ...` or `infimm-convert ...`; `... verify FOLDER` checks a finished folder's
+shards against their recorded SHA-256."""
 
 import argparse
 import logging
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from .convert import DTYPES, Options, convert
 from .errors import ConversionError
+from .verify import verify_checksums
 
 
 EXAMPLES = """\
@@ -35,6 +37,11 @@ inputs (recognised by their content, not their names):
 
 The output folder loads with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True) and can be pushed
 to the Hub as it is. It is written beside the target and renamed into place only when complete and verified.
+--overwrite replaces only a folder an earlier conversion wrote (it holds .infimm-conversion.json) or an empty one.
+
+checking a converted folder later (after a copy or a download): every shard against the SHA-256 recorded while it
+was written; exit status 2 and the corrupted shards named when one differs:
+    infimm-convert verify FOLDER
 """
 
 
@@ -62,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--output", type=Path, required=True, help="folder to create")
     out.add_argument("--dtype", choices=sorted(DTYPES), help="cast floating tensors (default: keep each tensor's)")
     out.add_argument("--max-shard-size", default="5GB", help="largest shard, e.g. 5GB or 500MB (default 5GB)")
-    out.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    out.add_argument("--overwrite", action="store_true",
+                     help="replace an existing output folder that an earlier conversion wrote (or an empty one)")
     out.add_argument("--check-values", action="store_true",
                      help="re-read every written tensor and compare it with its source, bit for bit")
     out.add_argument("--seed", type=int, default=0, help="seed for new token rows and a fresh connector")
@@ -70,6 +78,26 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--push-to-hub", metavar="REPO", help="upload the folder to this Hub repository afterwards")
     out.add_argument("--private", action="store_true", help="with --push-to-hub: create the repository private")
     return parser
+
+
+def build_verify_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="infimm-convert verify",
+        description="Check every shard of a converted folder against the SHA-256 recorded when it was written.",
+    )
+    parser.add_argument("folder", type=Path, help="a folder written by infimm-convert")
+    return parser
+
+
+def verify_main(argv) -> int:
+    folder = build_verify_parser().parse_args(argv).folder
+    try:
+        checked = verify_checksums(folder)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{folder}: all {len(checked)} shard(s) match their recorded SHA-256.")
+    return 0
 
 
 def push_to_hub(folder: Path, repo_id: str, private: bool):
@@ -88,6 +116,9 @@ def _terminate(signum, frame):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["verify"]:
+        return verify_main(argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     options = Options(

@@ -4,11 +4,15 @@
 2. Map every source tensor through its layout's table (`formats.py`); build the model on the meta device and check
    the mapping against its state dict strictly: nothing missing, nothing unexpected, every shape equal. Nothing is
    written before this passes.
-3. Write shards, config, code, tokenizer, generation config and model card into a staging folder beside the
-   output, verify the folder, and rename it into place.
+3. Write shards, config, code, tokenizer, generation config, model card and the marker file (what wrote the folder
+   and each shard's SHA-256) into a staging folder beside the output, verify the folder, and rename it into place.
+
+The output side is checked before any shard is written. First of all, before the checkpoint is opened: the output
+may be created or replaced (`--overwrite` only for an earlier conversion's folder or an empty one) and its parent
+is writable. Once the shard plan is known (it needs only the checkpoint's headers): its disk has room for it. The
+only weights read before that are alias duplicates stored as separate copies, compared while mapping.
 """
 
-import json
 import logging
 import shutil
 import tempfile
@@ -17,22 +21,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from huggingface_hub.utils import tqdm
 from transformers import AddedToken, AutoConfig, AutoTokenizer, GenerationConfig
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from infimm import PRESETS, InfiMMConfig, InfiMMForConditionalGeneration
+from infimm import PRESETS, InfiMMConfig, InfiMMForConditionalGeneration, __version__
 from infimm.hub_infimm import ASSETS_DIR, AUTO_MAP
 from infimm.processing_infimm import EOC_TOKEN, IMAGE_TOKEN
-from infimm.release_infimm import RELEASE_GENERATION, is_legacy_config
+from infimm.release_infimm import RELEASE_GENERATION, check_base_fields, is_legacy_config
 
 from .errors import ConversionError
 from .formats import CAUSAL_LM, CONNECTOR_PREFIXES, EVA_CLIP, KeyMapping, detect_format, map_keys
 from .model_card import RELEASE_LICENSE, VARIANTS, build_model_card
-from .reader import Checkpoint, TensorRef, open_checkpoint, open_file, open_folder
+from .reader import Checkpoint, TensorRef, open_checkpoint, open_file, open_folder, read_json
 from .surgery import FreshConnector, grow_rows
 from .verify import verify_structure, verify_values
-from .writer import check_output, plan_shards, staged_folder, write_shards
+from .writer import (
+    check_free_space, check_output, check_writable, plan_shards, staged_folder, write_marker, write_shards,
+)
 
 
 logger = logging.getLogger("convert_weights")
@@ -110,16 +117,63 @@ class Result:
 
 
 # --------------------------------------------------------------------------------------------------- config
+# What building a config from a user's dict can raise: the config classes' own checks (`ValueError`, transformers'
+# strict field validation) and the built-in errors of code that met a value of the wrong type.
+CONFIG_ERRORS = (ValueError, TypeError, KeyError, AttributeError, IndexError, StrictDataclassError)
+# Fields the config code converts with `int()` (a list or an object there fails with a message naming nothing).
+_TOWER_INTS = ("img_size", "patch_size", "embed_dim", "num_heads", "depth")
+
+
+def _json_type(value) -> str:
+    """What a parsed JSON value is, with its article, for a message ("an array")."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def new_format_problem(config: dict) -> str | None:
+    """The first value of a new-format config that is of the wrong kind, named by its field (or None): checked
+    here because the config code would stop on it with an error that names nothing."""
+    for block in ("vision_config", "text_config"):
+        if config.get(block) is not None and not isinstance(config[block], dict):
+            return f"`{block}` must be a JSON object; got {_json_type(config[block])}."
+    vision = config.get("vision_config") or {}
+    for where, values in (("", config), ("vision_config.", vision), ("text_config.", config.get("text_config") or {})):
+        try:
+            check_base_fields(values, where)
+        except ValueError as error:
+            return str(error)
+    args = vision.get("model_args")
+    if args is not None and not isinstance(args, dict):
+        return f"`vision_config.model_args` must be a JSON object; got {_json_type(args)}."
+    for key in _TOWER_INTS:
+        value = (args or {}).get(key)
+        if key in (args or {}) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            return f"`vision_config.model_args.{key}` must be a positive integer; got {value!r}."
+    return None
+
+
+def config_from_dict(config, file: Path):
+    """`InfiMMConfig` from a config.json's content (legacy or new format); `ConversionError` naming the file and
+    the field otherwise."""
+    if not isinstance(config, dict):
+        raise ConversionError(f"{file} holds {_json_type(config)}, not a JSON object: a config.json is one object "
+                              "of fields ({...}). Pass the model's config.json.")
+    problem = None if is_legacy_config(config) else new_format_problem(config)
+    if problem:
+        raise ConversionError(f"{file} is not a usable InfiMM config: {problem}")
+    try:
+        return InfiMMConfig.from_dict(config)
+    except CONFIG_ERRORS as error:
+        raise ConversionError(f"{file} is not a usable InfiMM config: {error}") from None
+
+
 def load_config(path: Path):
     """A legacy (`visual` / `language` blocks) or new-format InfiMM config, from a file or a folder."""
     path = Path(path)
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
-        raise ConversionError(f"No config at {path}.")
-    try:
-        return InfiMMConfig.from_dict(json.loads(file.read_text()))
-    except (ValueError, KeyError, TypeError) as error:
-        raise ConversionError(f"{file} is not a usable InfiMM config: {error}") from None
+        raise ConversionError(f"No config at {path}: pass a config.json file, or a folder holding one.")
+    return config_from_dict(read_json(file), file)
 
 
 def _options_config(options: Options, required_for: str):
@@ -207,6 +261,17 @@ def _merge(mapping: KeyMapping, into: dict[str, TensorRef], dropped: list, unmat
     unmatched.extend(mapping.unmatched)
 
 
+def _snapshot_generation(file: Path) -> dict | None:
+    """The snapshot's generation settings (without the version that wrote them), if it has any."""
+    if not file.is_file():
+        return None
+    settings = read_json(file)
+    if not isinstance(settings, dict):
+        raise ConversionError(f"{file} holds {_json_type(settings)}, not a JSON object of generation settings; "
+                              "fix it or remove it.")
+    return {key: value for key, value in settings.items() if key != "transformers_version"}
+
+
 def assemble_input(options: Options) -> tuple[Assembly, dict, list[str]]:
     """`--input`: a release snapshot folder, a converted folder, or a checkpoint file."""
     path = Path(options.input)
@@ -216,16 +281,12 @@ def assemble_input(options: Options) -> tuple[Assembly, dict, list[str]]:
         if options.preset:
             raise ConversionError("--preset does not apply to a snapshot folder (its config.json says the "
                                   "architecture); use --config to override it.")
-        raw = json.loads((path / "config.json").read_text())
-        legacy = is_legacy_config(raw)
+        legacy = is_legacy_config(read_json(path / "config.json"))
         config = load_config(options.config) if options.config else load_config(path)
         checkpoint = open_folder(path)
         kind = "release snapshot" if legacy else "checkpoint"
         tokenizer_dir = options.tokenizer or path
-        generation = None
-        if (path / "generation_config.json").is_file():
-            generation = {key: value for key, value in json.loads((path / "generation_config.json").read_text()).items()
-                          if key != "transformers_version"}
+        generation = _snapshot_generation(path / "generation_config.json")
         source = f"the {'release snapshot' if legacy else 'model folder'} {path.name} ({_describe(checkpoint)})"
     else:
         config = _options_config(options, f"The checkpoint file {path.name}")
@@ -248,7 +309,12 @@ def assemble_parts(options: Options, scratch: Path) -> tuple[Assembly, dict, lis
     llm_dir = Path(options.llm)
     if not (llm_dir / "config.json").is_file():
         raise ConversionError(f"--llm {llm_dir} is not a Hugging Face model folder (no config.json).")
-    llm_config = AutoConfig.from_pretrained(llm_dir)
+    read_json(llm_dir / "config.json")  # a broken file is named with its line and column
+    try:
+        llm_config = AutoConfig.from_pretrained(llm_dir)
+    except CONFIG_ERRORS as error:
+        raise ConversionError(f"--llm {llm_dir}: its config.json is not a usable transformers config: "
+                              f"{error}") from None
     if llm_config.model_type not in ("mistral", "llama"):
         logger.warning("The LLM is a %r model; InfiMM was released on Mistral and Llama.", llm_config.model_type)
     tokenizer_dir = Path(options.tokenizer) if options.tokenizer else llm_dir
@@ -402,6 +468,7 @@ def _check_options(options: Options, output: Path) -> bool:
         if path == output or output in path.parents or path in output.parents:
             raise ConversionError(f"The output {output} overlaps the input {path}; write elsewhere.")
     check_output(output, options.overwrite)
+    check_writable(output)
     return parts_mode
 
 
@@ -444,11 +511,12 @@ def convert(options: Options) -> Result:
         dtypes, dominant = output_dtypes(tensors, options.dtype)
         split = plan_shards({key: (ref.shape, dtypes[key]) for key, ref in tensors.items()}, options.max_shard_size)
         total = split.metadata["total_size"]
+        check_free_space(output, total)  # the plan gives the sizes; nothing is written yet
         dropped = Counter(reason for _, reason in assembly.dropped)
 
         with staged_folder(output, options.overwrite) as staging:
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="writing shards") as bar:
-                write_shards(staging, tensors, dtypes, split, bar)
+                checksums = write_shards(staging, tensors, dtypes, split, bar)
             verify_structure(staging, {key: (ref.shape, dtypes[key]) for key, ref in tensors.items()})
             if options.check_values:
                 verify_values(staging, tensors, dtypes)
@@ -470,9 +538,10 @@ def convert(options: Options) -> Result:
                 source=assembly.source, dropped=dict(dropped), dtype=options.dtype,
                 fresh_connector=assembly.fresh_connector,
             ).save(staging / "README.md")
+            write_marker(staging, version=__version__, source=assembly.source, checksums=checksums)
 
     return Result(output, len(tensors), total, sorted(split.filename_to_tensors), dict(dropped), assembly.source)
 
 
-__all__ = ["Options", "Result", "convert", "load_config", "expected_state", "check_fit", "match_variant",
-           "add_media_tokens", "load_tokenizer"]
+__all__ = ["Options", "Result", "convert", "load_config", "config_from_dict", "expected_state", "check_fit",
+           "match_variant", "add_media_tokens", "load_tokenizer"]

@@ -268,6 +268,32 @@ def _safetensors_refs(path: Path) -> dict[str, TensorRef]:
     return refs
 
 
+# ------------------------------------------------------------------------------------------------ JSON files
+def read_json(path: Path):
+    """The parsed content of a JSON file (a config, an index); `ConversionError` naming the file, where it breaks
+    and what to do, rather than a bare `JSONDecodeError` from somewhere inside the conversion."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as error:
+        raise ConversionError(f"Cannot read {path}: {error.strerror or error}.") from None
+    except UnicodeDecodeError as error:
+        raise ConversionError(f"{path} is not a JSON file: it is not UTF-8 text (byte {error.start} cannot be "
+                              "decoded). Check that it is the file you meant, or restore it from the original "
+                              "download.") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ConversionError(
+            f"{path} is not valid JSON: {error.msg} at line {error.lineno}, column {error.colno}. Fix the file "
+            f"there (`python -m json.tool {path}` points at the same place), or restore it from the original "
+            "download."
+        ) from None
+    except RecursionError:
+        raise ConversionError(f"{path} nests its JSON too deeply to be read; it is not a model file. Restore it "
+                              "from the original download.") from None
+
+
 # ------------------------------------------------------------------------------------------------ entry points
 @dataclass
 class Checkpoint:
@@ -311,8 +337,12 @@ def weights_files(folder: Path) -> list[Path]:
         if not candidate.is_file():
             continue
         if name.endswith(".index.json"):
-            index = json.loads(candidate.read_text())
-            shards = sorted(set(index.get("weight_map", {}).values()))
+            index = read_json(candidate)
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise ConversionError(f"{candidate} has no `weight_map` object (tensor name -> shard file name); "
+                                      "restore the index from the original download.")
+            shards = sorted(set(weight_map.values()))
             missing = [shard for shard in shards if not (folder / shard).is_file()]
             if missing:
                 raise ConversionError(f"{candidate} names shards that are not in {folder}: {missing}.")
@@ -346,5 +376,5 @@ def open_checkpoint(path: Path) -> Checkpoint:
 
 __all__ = [
     "TensorRef", "Checkpoint", "SafetensorsFile", "open_checkpoint", "open_file", "open_folder",
-    "read_safetensors_header", "release_mapped_pages", "SAFETENSORS_DTYPES", "SAFETENSORS_NAMES",
+    "read_safetensors_header", "read_json", "release_mapped_pages", "SAFETENSORS_DTYPES", "SAFETENSORS_NAMES",
 ]

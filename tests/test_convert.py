@@ -7,7 +7,8 @@ Each is converted, and all outputs are loaded in ONE fresh Python process in whi
 imported (`sys.modules["infimm"] = None`, an empty working directory, no `PYTHONPATH`), through
 `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`; the logits must equal the starting model's
 bit for bit. The failure modes (missing / unexpected / mis-shaped keys, truncated files, pickles that are not
-weights only, an existing output, an interrupted run) must stop with a message and leave no folder behind.
+weights only, an existing output, an interrupted run) must stop with a message and leave no folder behind; more of
+them (overwrite, checksums, errors at the door, fuzzed configs) are in `test_convert_robustness.py`.
 """
 
 import json
@@ -496,14 +497,19 @@ def test_pickle_with_code_is_refused_without_running_it(reference, sources, tmp_
 
 def test_existing_output_needs_overwrite(sources, tmp_path, capsys):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("mine")
     args = ["--input", str(sources["deepspeed"]), *_config(sources), "--output", str(out)]
+    assert main(args) == 0
+    (out / "stale.txt").write_text("left by hand in the converted folder")
     assert main(args) == 2
-    assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
-    assert main([*args, "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert "--overwrite" in capsys.readouterr().err and (out / "stale.txt").is_file()
+    assert main([*args, "--overwrite"]) == 0  # an earlier conversion's folder: replaced whole
+    assert not (out / "stale.txt").exists() and (out / "config.json").is_file()
     assert not _partials(out)
+    # Someone else's folder is never replaced (tests/test_convert_robustness.py covers it in detail).
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "keep.txt").write_text("mine")
+    assert main([*args[:-1], str(tmp_path / "mine"), "--overwrite"]) == 2
+    assert (tmp_path / "mine" / "keep.txt").read_text() == "mine"
 
 
 def test_interrupted_run_leaves_no_folder(sources, tmp_path, monkeypatch):
