@@ -22,7 +22,7 @@ import copy
 from transformers import AutoConfig, PretrainedConfig
 from transformers.utils import logging
 
-from .release_infimm import is_legacy_config, legacy_config_to_dict
+from .release_infimm import StrictDataclassError, check_base_fields, is_legacy_config, legacy_config_to_dict
 
 
 logger = logging.get_logger(__name__)
@@ -263,9 +263,24 @@ class InfiMMConfig(PretrainedConfig):
 
     @classmethod
     def from_dict(cls, config_dict, **kwargs):
+        """Also reads the original release's format. A field of the wrong kind is a `ValueError` naming it, not an
+        AttributeError or TypeError from deep inside a sub-config."""
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"An InfiMM config is a JSON object; got {type(config_dict).__name__}.")
         if is_legacy_config(config_dict):
             config_dict = legacy_config_to_dict(config_dict)
-        return super().from_dict(config_dict, **kwargs)
+        check_base_fields(config_dict)
+        for key in ("vision_config", "text_config"):
+            value = config_dict.get(key)
+            if value is not None and not isinstance(value, (dict, PretrainedConfig)):
+                raise ValueError(f"`{key}` must be a JSON object (a sub-config) or absent; got {value!r}.")
+            if isinstance(value, dict):
+                check_base_fields(value, f"{key}.")
+        try:
+            return super().from_dict(config_dict, **kwargs)
+        except (TypeError, KeyError, AttributeError, IndexError, StrictDataclassError) as error:
+            raise ValueError(f"Not a valid InfiMM config: {type(error).__name__}: {error}. Compare the field it "
+                             "names with a config saved by this package (or `InfiMMConfig.from_preset`).") from error
 
     def to_dict(self):
         output = super().to_dict()

@@ -427,6 +427,15 @@ def test_arbitrary_release_blocks_give_a_config_or_a_value_error(visual, languag
     _settle(InfiMMConfig.from_dict, {**top, "visual": visual, "language": language})
 
 
+@FUZZ
+@given(data=st.data())
+def test_fuzzed_new_format_configs_give_a_config_or_a_value_error(data):
+    """`InfiMMConfig.from_dict` itself (what AutoConfig and from_pretrained call), on this package's own format."""
+    config = _mutated(data, BASE_NEW, ("vision_config", "vision_config.model_args", "text_config"))
+    result = _settle(InfiMMConfig.from_dict, config)
+    assert isinstance(result, (InfiMMConfig, ValueError)), type(result)
+
+
 @pytest.fixture(scope="module")
 def fuzz_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("fuzz")
