@@ -362,7 +362,7 @@ class InfiMM(lmms):
 def _load(pretrained: str, load_kwargs: dict):
     """Model and processor: an InfiMM folder or Hub repo through the auto classes, or an original release snapshot
     (`visual` / `language` config) read with this package's classes, its weights renamed as `infimm-convert` would."""
-    from convert_weights.legacy import is_legacy_checkpoint, load_legacy_model
+    from infimm.convert_weights.legacy import is_legacy_checkpoint, load_legacy_model
 
     hub_kwargs = {key: load_kwargs[key] for key in ("trust_remote_code", "revision") if key in load_kwargs}
     if not is_legacy_checkpoint(pretrained, **hub_kwargs):

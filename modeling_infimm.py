@@ -837,9 +837,9 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Also loads a snapshot of the original release (legacy config.json, `pytorch_model.bin`), mapping its
-        config and weight names on the fly, when the `infimm` package (with `convert_weights`) is installed."""
+        config and weight names on the fly, when the `infimm` package (with `infimm.convert_weights`) is installed."""
         try:  # optional and package-only: Hub remote code never needs it
-            from convert_weights.legacy import is_legacy_checkpoint, load_legacy_model
+            from infimm.convert_weights.legacy import is_legacy_checkpoint, load_legacy_model
         except ImportError:
             is_legacy_checkpoint = load_legacy_model = None
         if (

@@ -7,7 +7,7 @@
    `gated_cross_attn_layers` alias lists, one bf16 `pytorch_model.bin`) at InfiMM-Zephyr widths: Mistral-7B decoder
    layers, the full EVA02-L tower, the release's resampler and cross-attention; as many decoder layers as bring the
    file nearest `--size-gb`.
-2. Another child converts it (`python -m convert_weights`), accounted like `/usr/bin/time -v`: its peak resident set
+2. Another child converts it (`python -m infimm.convert_weights`), accounted like `/usr/bin/time -v`: its peak resident set
    comes from `wait4`. A third child runs `--help` only, for the resident set of the imports alone.
 3. The same file is copied with `shutil.copyfile` + fsync, as a throughput yardstick.
 
@@ -78,7 +78,7 @@ def run_measured(args: list[str], env: dict) -> tuple[float, int, int]:
 
 def shard_stats(folder: Path) -> tuple[int, int, int]:
     """(number of shards, largest shard bytes, largest tensor bytes) of a converted folder."""
-    from convert_weights.reader import read_safetensors_header
+    from infimm.convert_weights.reader import read_safetensors_header
 
     shards = sorted(folder.glob("*.safetensors"))
     largest_tensor = 0
@@ -121,9 +121,9 @@ def main():
         checkpoint = snapshot / "pytorch_model.bin"
         size = checkpoint.stat().st_size
 
-        command = [sys.executable, "-m", "convert_weights", "--input", str(snapshot), "--output", str(output),
+        command = [sys.executable, "-m", "infimm.convert_weights", "--input", str(snapshot), "--output", str(output),
                    "--max-shard-size", args.max_shard_size] + (["--check-values"] if args.check_values else [])
-        startup_s, _, baseline_rss = run_measured([sys.executable, "-m", "convert_weights", "--help"], env)
+        startup_s, _, baseline_rss = run_measured([sys.executable, "-m", "infimm.convert_weights", "--help"], env)
         convert_s, _, peak_rss = run_measured(command, env)
         shards, largest_shard, largest_tensor = shard_stats(output)
         copy_s = timed_copy(checkpoint, work / "copy.bin")

@@ -1,6 +1,6 @@
 """Conversion of InfiMM checkpoints into Hub-ready folders of sharded safetensors.
 
-`python -m convert_weights --help` (or `infimm-convert --help`) lists the inputs it recognises. From Python:
+`python -m infimm.convert_weights --help` (or `infimm-convert --help`) lists the inputs it recognises. From Python:
 `convert(Options(input=..., output=...))`; `load_legacy_model` builds a model straight from a release snapshot;
 `verify_checksums(folder)` checks a converted folder's shards against the SHA-256 recorded when they were written.
 """

@@ -1,4 +1,4 @@
-"""Command line: `python -m convert_weights ...` or `infimm-convert ...`; `... verify FOLDER` checks a finished folder's
+"""Command line: `python -m infimm.convert_weights ...` or `infimm-convert ...`; `... verify FOLDER` checks a finished folder's
 shards against their recorded SHA-256."""
 
 import argparse

@@ -54,7 +54,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 
 @dataclass
 class Options:
-    """What to convert and how; mirrors the command line (`python -m convert_weights --help`)."""
+    """What to convert and how; mirrors the command line (`python -m infimm.convert_weights --help`)."""
 
     output: Path
     input: Path | None = None

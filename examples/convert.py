@@ -19,9 +19,9 @@ import sys
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from convert_weights import is_legacy_checkpoint
-from convert_weights.__main__ import build_parser
-from convert_weights.__main__ import main as convert_main
+from infimm.convert_weights import is_legacy_checkpoint
+from infimm.convert_weights.__main__ import build_parser
+from infimm.convert_weights.__main__ import main as convert_main
 from generate import prompt_inputs
 from infimm import InfiMMForConditionalGeneration
 from infimm.hub_infimm import sample_image_path

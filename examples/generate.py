@@ -214,7 +214,7 @@ def is_legacy_release(model_id: str) -> bool:
 def load_legacy(model_id: str, dtype: str):
     """An original release (folder or repo id) read directly: its weights renamed as `infimm-convert` would."""
     try:
-        from convert_weights.legacy import load_legacy_model
+        from infimm.convert_weights.legacy import load_legacy_model
     except ImportError:
         sys.exit(
             f"{model_id!r} is an original InfiMM release (legacy format) and the `convert_weights` package that reads "

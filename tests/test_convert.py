@@ -28,11 +28,11 @@ import convert_fixtures as fixtures
 from conftest import REPO, tiny_model
 from helpers_modeling import AUTO_MAP, place_in_hub_cache, standalone_lm
 
-from convert_weights import ConversionError, is_legacy_checkpoint, load_legacy_model
-from convert_weights.__main__ import main
-from convert_weights.formats import FLAMINGO, INFIMM, detect_format, map_keys
-from convert_weights.model_card import build_model_card
-from convert_weights.reader import TensorRef
+from infimm.convert_weights import ConversionError, is_legacy_checkpoint, load_legacy_model
+from infimm.convert_weights.__main__ import main
+from infimm.convert_weights.formats import FLAMINGO, INFIMM, detect_format, map_keys
+from infimm.convert_weights.model_card import build_model_card
+from infimm.convert_weights.reader import TensorRef
 from infimm import InfiMMConfig, InfiMMForConditionalGeneration
 from infimm.versions_infimm import TRANSFORMERS_REQUIREMENT
 
@@ -146,7 +146,7 @@ def converted(reference, sources, tmp_path_factory):
     snapshot = sources["snapshot"]
     # The release through the installed command line, in its own process.
     completed = subprocess.run(
-        [sys.executable, "-m", "convert_weights", "--input", str(snapshot), "--output", str(out["release"]),
+        [sys.executable, "-m", "infimm.convert_weights", "--input", str(snapshot), "--output", str(out["release"]),
          "--max-shard-size", SHARD],
         cwd=REPO, env=_clean_env(root), capture_output=True, text=True, timeout=300,
     )
@@ -513,7 +513,7 @@ def test_existing_output_needs_overwrite(sources, tmp_path, capsys):
 
 
 def test_interrupted_run_leaves_no_folder(sources, tmp_path, monkeypatch):
-    import convert_weights.writer as writer
+    import infimm.convert_weights.writer as writer
 
     original, calls = writer.write_safetensors, []
 
@@ -531,7 +531,7 @@ def test_interrupted_run_leaves_no_folder(sources, tmp_path, monkeypatch):
 
 
 def test_terminated_run_leaves_no_folder(sources, tmp_path, monkeypatch):
-    import convert_weights.writer as writer
+    import infimm.convert_weights.writer as writer
 
     original = writer.write_safetensors
 
@@ -578,7 +578,7 @@ def test_push_to_hub_uploads_the_finished_folder(sources, tmp_path, monkeypatch)
 
 
 def test_conversion_error_is_also_raised_from_python(sources, tmp_path):
-    from convert_weights import Options, convert
+    from infimm.convert_weights import Options, convert
 
     with pytest.raises(ConversionError, match="needs the architecture"):
         convert(Options(input=sources["deepspeed"], output=tmp_path / "out"))

@@ -52,7 +52,7 @@ def test_converts_then_matches_the_snapshot(snapshots, tmp_path):
 
 
 def test_a_different_model_fails_the_check(snapshots, tmp_path, capsys):
-    from convert_weights.__main__ import main as convert_main
+    from infimm.convert_weights.__main__ import main as convert_main
 
     output = tmp_path / "converted"
     assert convert_main(["--input", str(snapshots["release"]), "--output", str(output)]) == 0

@@ -31,11 +31,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import convert_fixtures as fixtures
 from conftest import tiny_config, tiny_model
 
-import convert_weights
-from convert_weights import ConversionError
-from convert_weights.__main__ import main
-from convert_weights.convert import load_config
-from convert_weights.reader import TensorRef
+import infimm.convert_weights as convert_weights
+from infimm.convert_weights import ConversionError
+from infimm.convert_weights.__main__ import main
+from infimm.convert_weights.convert import load_config
+from infimm.convert_weights.reader import TensorRef
 from infimm import InfiMMConfig
 from infimm.release_infimm import legacy_config_to_dict
 
@@ -175,7 +175,7 @@ def test_every_shard_checksum_is_recorded(converted):
 
 
 def test_checksum_is_taken_from_the_bytes_written(tmp_path):
-    from convert_weights.writer import write_safetensors
+    from infimm.convert_weights.writer import write_safetensors
 
     values = {"a": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}
     items = [(key, TensorRef(key, tuple(v.shape), v.dtype, loader=(lambda v=v: v)), v.dtype)

@@ -28,7 +28,7 @@ import convert_fixtures as fixtures
 from conftest import RELEASE_DIR, REPO, tiny_model
 from helpers_modeling import one_torch_thread, save_remote_code_folder  # noqa: F401  (autouse fixture)
 
-from convert_weights import Options, convert, load_legacy_model
+from infimm.convert_weights import Options, convert, load_legacy_model
 from infimm import InfiMMConfig, InfiMMForConditionalGeneration
 
 
