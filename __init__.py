@@ -1,6 +1,8 @@
 """infimm: InfiMM vision-language models for transformers.
 
-The three `*_infimm.py` modules are also the Hub remote code of a saved model; this package re-exports them.
+Some of the `*_infimm.py` modules are also the remote code of every saved folder: `hub_infimm.remote_code_files()`
+lists them (the configuration, modeling, processing and pipeline modules and what they import relatively); the
+others (hub, training, collator, lmms-eval) belong to the package only. The converter is `infimm.convert_weights`.
 """
 
 from .configuration_infimm import PRESETS, InfiMMConfig

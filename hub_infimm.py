@@ -8,6 +8,7 @@ AutoImageProcessor to the copied `processing_infimm.py`, and `config.json`'s `cu
 part of the package only; it is not copied.
 """
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -23,6 +24,29 @@ from .versions_infimm import SKIP_CHECK_VARIABLE, TRANSFORMERS_REQUIREMENT
 
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+
+# The modules a saved folder names as its code (config.json's `auto_map` and `custom_pipelines`,
+# processor_config.json's `auto_map`); with their relative imports (`remote_code_files`) they are what travels to
+# the Hub. The other `*_infimm.py` modules (this one, training, collator, lmms-eval) are the package's only.
+REMOTE_CODE_ENTRY_POINTS = ("configuration_infimm.py", "modeling_infimm.py", "processing_infimm.py", "pipeline_infimm.py")
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def remote_code_files() -> list[str]:
+    """Every module a saved InfiMM folder carries: the entry points and, transitively, their relative imports."""
+    files = {PACKAGE_DIR / name for name in REMOTE_CODE_ENTRY_POINTS}
+    for entry in list(files):
+        files.update(Path(dependency) for dependency in get_relative_import_files(str(entry)))
+    return sorted(file.name for file in files)
+
+
+def copy_remote_code(folder) -> list[str]:
+    """Copies `remote_code_files()` into `folder` (for folders not written by `save_pretrained`, e.g. conversions)."""
+    names = remote_code_files()
+    for name in names:
+        shutil.copy(PACKAGE_DIR / name, Path(folder) / name)
+    return names
+
 
 # Every auto class a user may reach an InfiMM folder through.
 AUTO_MAP = {
@@ -128,8 +152,15 @@ def save_hub_folder(model, processor, folder, **save_kwargs) -> Path:
     type(processor).register_for_auto_class()
     type(processor.image_processor).register_for_auto_class("AutoImageProcessor")
     processor.save_pretrained(folder)
+    # transformers copied the modules of the classes it saved and their relative imports; the declared list must be
+    # exactly that, so a folder never names code it lacks.
+    saved = sorted(path.name for path in folder.glob("*_infimm.py"))
+    if saved != remote_code_files():
+        raise RuntimeError(f"The folder holds the modules {saved}, not the declared {remote_code_files()}: "
+                           "update REMOTE_CODE_ENTRY_POINTS in hub_infimm.py.")
     _write_model_card(folder)
     return folder
 
 
-__all__ = ["AUTO_MAP", "ASSETS_DIR", "bundled_tokenizer", "compatibility_section", "mark_for_remote_code", "sample_image_path", "save_hub_folder"]
+__all__ = ["AUTO_MAP", "ASSETS_DIR", "REMOTE_CODE_ENTRY_POINTS", "bundled_tokenizer", "compatibility_section",
+           "copy_remote_code", "remote_code_files", "mark_for_remote_code", "sample_image_path", "save_hub_folder"]

@@ -24,10 +24,10 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from huggingface_hub.utils import tqdm
 from transformers import AddedToken, AutoConfig, AutoTokenizer, GenerationConfig
-from transformers.dynamic_module_utils import get_relative_import_files
 
 from infimm import PRESETS, InfiMMConfig, InfiMMForConditionalGeneration, __version__
-from infimm.hub_infimm import ASSETS_DIR, AUTO_MAP
+from infimm.hub_infimm import ASSETS_DIR, AUTO_MAP, copy_remote_code
+from infimm.pipeline_infimm import CUSTOM_PIPELINE_ENTRY, PIPELINE_TASK
 from infimm.processing_infimm import EOC_TOKEN, IMAGE_TOKEN
 from infimm.release_infimm import RELEASE_GENERATION, check_base_fields, is_legacy_config
 
@@ -44,7 +44,6 @@ from .writer import (
 
 logger = logging.getLogger("convert_weights")
 
-MODEL_CODE = ("configuration_infimm.py", "modeling_infimm.py", "processing_infimm.py")
 TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
     "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json",
@@ -423,16 +422,8 @@ def output_dtypes(tensors: dict[str, TensorRef], requested: str | None) -> tuple
 
 
 def copy_model_code(folder: Path) -> list[str]:
-    """The package's remote-code files (and any root module they import relatively) into `folder`."""
-    import infimm.modeling_infimm as modeling
-
-    root = Path(modeling.__file__).resolve().parent
-    files = {root / name for name in MODEL_CODE if (root / name).is_file()}
-    for file in list(files):
-        files.update(Path(dependency) for dependency in get_relative_import_files(str(file)))
-    for file in sorted(files):
-        shutil.copy(file, folder / file.name)
-    return sorted(file.name for file in files)
+    """The package's remote code (`infimm.hub_infimm.remote_code_files`) into `folder`."""
+    return copy_remote_code(folder)
 
 
 def save_processor(folder: Path, config, tokenizer):
@@ -523,6 +514,7 @@ def convert(options: Options) -> Result:
 
             config.architectures = ["InfiMMForConditionalGeneration"]
             config.auto_map = dict(AUTO_MAP)
+            config.custom_pipelines = {PIPELINE_TASK: dict(CUSTOM_PIPELINE_ENTRY)}  # its file is copied below
             config.dtype = dominant
             config.save_pretrained(staging)
             copy_model_code(staging)

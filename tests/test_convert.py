@@ -35,6 +35,7 @@ from infimm.convert_weights.model_card import build_model_card
 from infimm.convert_weights.reader import TensorRef
 from infimm import InfiMMConfig, InfiMMForConditionalGeneration
 from infimm.versions_infimm import TRANSFORMERS_REQUIREMENT
+from infimm.hub_infimm import remote_code_files
 
 SHARD = "4MB"
 EOC, IMAGE = 32000, 32001
@@ -213,9 +214,11 @@ def test_output_folder_is_a_complete_hub_repo(converted, name):
     assert config["auto_map"] == AUTO_MAP
     assert config["architectures"] == ["InfiMMForConditionalGeneration"] and config["model_type"] == "infimm"
     assert "visual" not in config and "vision_config" in config and config["dtype"] == "float32"
-    for code in ("configuration_infimm.py", "modeling_infimm.py", "processing_infimm.py", "device_map_infimm.py",
-                 "release_infimm.py"):
+    # the declared remote code, byte for byte, and nothing else
+    assert sorted(p.name for p in folder.glob("*.py")) == remote_code_files()
+    for code in remote_code_files():
         assert (folder / code).read_bytes() == (REPO / code).read_bytes(), code
+    assert config["custom_pipelines"]["image-text-to-text"]["impl"] == "pipeline_infimm.InfiMMImageTextToTextPipeline"
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in folder.glob("model-*.safetensors"))
     count = len(shards)

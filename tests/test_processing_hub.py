@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from conftest import IMAGES_DIR
+from infimm.hub_infimm import remote_code_files
 from test_processing import QUESTION, RELEASE_IDS, reference_pixels
 
 
@@ -121,10 +122,13 @@ def test_folder_layout(hub_folder):
         "image_processing_infimm.InfiMMImageProcessor", "image_processing_infimm.InfiMMImageProcessorFast"]
     assert processor_config["image_processor"]["crop_size"] == {"height": 28, "width": 28}
     assert "<|endofchunk|><image>" in (hub_folder / "chat_template.jinja").read_text()
-    # remote code may import this project only relatively
+    # exactly the declared remote code travels (the fresh-process tests below load it without the package)
+    assert sorted(path.name for path in hub_folder.glob("*.py")) == remote_code_files()
+    # remote code imports this project only relatively (the modeling code's optional use of the installed package's
+    # converter is indented, inside a `try:`, which transformers' import check skips)
     for code in hub_folder.glob("*.py"):
-        source = code.read_text()
-        assert "import infimm" not in source and "from infimm" not in source, code.name
+        lines = code.read_text().splitlines()
+        assert not [line for line in lines if line.startswith(("import infimm", "from infimm"))], code.name
 
 
 def test_fresh_process_loads_processor_without_the_package(fresh_report):
