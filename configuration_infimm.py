@@ -68,7 +68,7 @@ _LLAMA2_13B_TEXT = {
     "tie_word_embeddings": False,
 }
 
-# timm architectures closest to the EVA-CLIP towers of the release (REFERENCE: "The model family").
+# timm architectures closest to the EVA-CLIP towers of the release (README, "The model family").
 # Shapes are spelled out so the config alone says how wide the features are.
 _EVA02_L_336 = {
     "architecture": "eva02_large_patch14_clip_336",
@@ -110,7 +110,7 @@ class InfiMMConfig(PretrainedConfig):
             (`img_size`, `patch_size`, `embed_dim`, `depth`, `num_heads`, ...).
         text_config (`dict` or `PretrainedConfig`): the language model's config; `model_type` picks Mistral or Llama.
         resampler_depth, resampler_num_latents, resampler_heads, resampler_head_dim, resampler_ff_mult: Perceiver
-            resampler shape (REFERENCE: 6 layers, 64 latents, 8 heads x 64, ff x4).
+            resampler shape (the release's code and weights: 6 layers, 64 latents, 8 heads x 64, ff x4).
         cross_attn_every_n_layers (`int`): a gated cross-attention block runs before decoder layer `i` whenever
             `(i + 1) % n == 0`.
         cross_attn_heads, cross_attn_head_dim, cross_attn_ff_mult: gated cross-attention shape.

@@ -1,6 +1,6 @@
 """Builders of InfiMM checkpoints in the layouts found in the wild, written from a model of this package.
 
-The layouts follow REFERENCE.md ("Checkpoints in the wild") and the published release code: the release's Flamingo
+The layouts follow the README ("Converting checkpoints") and the published release code: the release's Flamingo
 module (`vision_encoder` = EVA-CLIP in its original naming, `perceiver`, `lang_encoder` with the decoder layers
 wrapped as `layers.N.decoder_layer` / `layers.N.gated_cross_attn_layer` plus the alias lists `old_decoder_blocks`
 and `gated_cross_attn_layers`). They are spelled out here by hand, independently of `convert_weights`, so a test

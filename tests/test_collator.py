@@ -8,7 +8,7 @@ from conftest import REPO, tiny_config
 
 I, E, X = 32001, 32000, -100  # <image>, <|endofchunk|>, no loss
 
-# REFERENCE.md: one image + "Please explain this image to me." with the generation prompt, real tokenizer.
+# The release's chat processor on one image + "Please explain this image to me.", generation prompt, real tokenizer.
 ZEPHYR_PROMPT = [1, 523, 28766, 6574, 28766, 28767, 13, 2, 28705, 13, 28789, 28766, 1838, 28766, 28767, 13, 32000, 32001,
                  5919, 7282, 456, 3469, 298, 528, 28723, 2, 28705, 13, 28789, 28766, 489, 11143, 28766, 28767, 13]
 IT_IS_A_CHART = [1313, 349, 264, 10968, 28723]  # "It is a chart." right after "<|assistant|>\n"

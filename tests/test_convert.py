@@ -1,6 +1,6 @@
 """infimm-convert: every checkpoint layout in the wild becomes a Hub folder computing the starting model's logits.
 
-One tiny model is written out in each layout of REFERENCE.md ("Checkpoints in the wild") by `convert_fixtures`
+One tiny model is written out in each checkpoint layout the README lists ("Converting checkpoints") by `convert_fixtures`
 (the release snapshot with its alias lists and EVA-CLIP naming, a DeepSpeed `module` file, a plain safetensors
 state dict, and parts: a Hugging Face LLM folder, an EVA-CLIP file and an OpenFlamingo trainable-only connector).
 Each is converted, and all outputs are loaded in ONE fresh Python process in which the `infimm` package cannot be
@@ -264,7 +264,7 @@ def test_model_card_of_a_released_variant():
     parsed = ModelCard(str(card))
     assert parsed.data.base_model == "Infi-MM/infimm-zephyr"
     assert "HuggingFaceM4/OBELICS" in parsed.data.datasets
-    # REFERENCE.md: Zephyr-7B pretrained 4-shot COCO 108.6, chat MMMU-val 39.4.
+    # The InfiMM paper / model card: Zephyr-7B pretrained 4-shot COCO 108.6, chat MMMU-val 39.4.
     assert "| 4-shot | 108.6 | 71.9 | 59.1 | 34.3 | 50.5 |" in parsed.text
     assert "39.4" in parsed.text and 'from_pretrained("someone/infimm-zephyr"' in parsed.text
 

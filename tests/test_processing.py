@@ -1,7 +1,7 @@
 """InfiMMProcessor / InfiMMImageProcessor against independent references.
 
 References used here, never the code's own output alone:
-- the token ids of the released chat prompt listed in REFERENCE.md (real release tokenizer);
+- the token ids the release's own chat processor gives for its example prompt (real release tokenizer);
 - prompts written out by hand per chat format, tokenized by the tokenizer directly;
 - the release's image transform rebuilt from torchvision (`Resize(bicubic)`, `CenterCrop`, RGB, `ToTensor`,
   `Normalize(CLIP)`), applied to PIL images (transparent ones composited with numpy first).
@@ -28,7 +28,7 @@ from infimm import InfiMMConfig, InfiMMImageProcessor, InfiMMProcessor
 from infimm.image_processing_infimm import InfiMMImageProcessorFast
 
 
-# REFERENCE.md, "Tokens and prompts": one image + "Please explain this image to me." with the release's chat processor.
+# The release's chat processor (Infi-MM/infimm-zephyr) on one image + "Please explain this image to me.".
 RELEASE_IDS = [1, 523, 28766, 6574, 28766, 28767, 13, 2, 28705, 13, 28789, 28766, 1838, 28766, 28767, 13, 32000, 32001,
                5919, 7282, 456, 3469, 298, 528, 28723, 2, 28705, 13, 28789, 28766, 489, 11143, 28766, 28767, 13]
 RELEASE_PROMPT = "<|system|>\n</s>\n<|user|>\n<|endofchunk|><image>Please explain this image to me.</s>\n<|assistant|>\n"
