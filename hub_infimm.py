@@ -73,11 +73,14 @@ def sample_image_path() -> Path:
 
 def mark_for_remote_code(model) -> None:
     """Makes `model.save_pretrained` write the full `auto_map` and copy the `.py` files (also for checkpoints
-    that Trainer saves), so the folder loads with any InfiMM auto class and `trust_remote_code=True`.
+    that Trainer saves), so the folder loads with any InfiMM auto class and `trust_remote_code=True`. A PEFT
+    wrapper is looked through: its InfiMM model is marked.
 
     The config names the batching pipeline only if `pipeline_infimm.py` is among the files `save_pretrained` copies
     (the model code's relative imports): a config pointing at a file the folder lacks would break `pipeline()`.
     """
+    if hasattr(model, "get_base_model"):  # PEFT
+        model = model.get_base_model()
     type(model.config).register_for_auto_class()
     type(model).register_for_auto_class("AutoModelForImageTextToText")
     model.config.auto_map = {**(getattr(model.config, "auto_map", None) or {}), **AUTO_MAP}

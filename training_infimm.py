@@ -44,7 +44,6 @@ from transformers.utils import logging
 from .processing_infimm import conversation_images
 from .device_map_infimm import blocks_follow_layers, infer_device_map, place_blocks_with_layers
 from .device_map_infimm import meta_model as _meta_model
-from .hub_infimm import mark_for_remote_code as _mark_for_remote_code
 
 
 logger = logging.get_logger(__name__)
@@ -198,11 +197,6 @@ def weights_checksum(model, trainable_only: bool = True) -> str:
         digest.update(name.encode())
         digest.update(tensor.to("cpu", torch.float32).contiguous().numpy().tobytes())
     return digest.hexdigest()
-
-
-def mark_for_remote_code(model) -> None:
-    """`hub_infimm.mark_for_remote_code` on the InfiMM model inside a PEFT wrapper, if any."""
-    _mark_for_remote_code(_base_model(model))
 
 
 # ------------------------------------------------------------------------------------------------------ LoRA
@@ -681,7 +675,6 @@ __all__ = [
     "apply_stage",
     "count_parameters",
     "weights_checksum",
-    "mark_for_remote_code",
     "apply_lora",
     "save_lora",
     "load_lora",

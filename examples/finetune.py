@@ -51,7 +51,7 @@ from transformers.utils import logging
 
 from infimm import InfiMMConfig, InfiMMForConditionalGeneration, InfiMMProcessor
 from infimm.collator_infimm import InfiMMDataCollator
-from infimm.hub_infimm import bundled_tokenizer, save_hub_folder
+from infimm.hub_infimm import bundled_tokenizer, mark_for_remote_code, save_hub_folder
 from infimm.training_infimm import (
     ConnectorCheckpointCallback,
     InfiMMTrainer,
@@ -60,7 +60,6 @@ from infimm.training_infimm import (
     count_parameters,
     has_text_only_examples,
     load_connector,
-    mark_for_remote_code,
     meta_model,
     recipe,
     save_lora,
