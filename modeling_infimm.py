@@ -21,10 +21,9 @@ from .versions_infimm import TRANSFORMERS_REQUIREMENT  # noqa: F401  (first: ref
 
 import copy
 import inspect
-import math
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -43,19 +42,14 @@ from transformers.utils.deprecation import deprecate_kwarg
 from .configuration_infimm import InfiMMConfig
 from .device_map_infimm import infer_device_map, meta_model
 from .image_state_infimm import (
-    ImageInputs,
-    InfiMMImageState,
-    as_image_batch,
-    expand_rows,
-    fingerprints,
-    fold_rows,
+    CallMode,
+    ImageCacheLayer,
+    ImagePlan,
+    attach_image_layer,
     image_state,
-    images_per_row,
+    plan_decode,
+    plan_prompt,
     real_image_slots,
-    rows_per_image_row,
-    set_image_state,
-    token_slots,
-    unfold_rows,
 )
 from .release_infimm import HUB_KWARGS
 
@@ -69,9 +63,9 @@ logger = logging.get_logger(__name__)
 # `device_map` strategies for which the blocks are placed with their decoder layers.
 _PLANNED_DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 
-# Keyword under which the per-call image state travels from `InfiMMModel.forward` through the language model's
+# Keyword under which a call's `_BlockImages` travel from `InfiMMModel.forward` through the language model's
 # `**kwargs` to the decoder layers' pre-hooks.
-_IMAGE_INPUTS_KWARG = "infimm_image_inputs"
+_BLOCK_IMAGES_KWARG = "infimm_block_images"
 
 
 # ------------------------------------------------------------------------------------------------------- outputs
@@ -84,8 +78,8 @@ _CACHE = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else
 CACHE_ARGUMENT = _CACHE
 
 # Set by `_update_model_kwargs_for_generation` for the steps after a `generate()` prefill: their tokens are
-# generated text, which follows the prompt's last image (REFERENCE: "While generating with a cache, every new token
-# counts as following the last image of the prompt"), so the step needs no image bookkeeping and no device sync.
+# generated text, which follows the prompt's last image (README, "Python usage": "During generation every new token
+# follows the prompt's last image"), so such a step runs in `CallMode.DECODE`: no image bookkeeping, no device sync.
 _DECODING_KWARG = "infimm_decoding"
 
 
@@ -243,6 +237,32 @@ class InfiMMPerceiverResampler(nn.Module):
         return self.norm(latents)
 
 
+def _fold_rows(query: torch.Tensor, mask: torch.Tensor | None, rows: int):
+    """`(text rows, heads, T, d)` queries -> `(rows, heads, group * T, d)`, the text rows of a group side by side.
+
+    The text rows of a group (beams, returned sequences, queries of one prefix) attend the same image keys, so
+    folding them into the query axis is exact and spares copying the keys/values per text row. The mask
+    `(text rows, 1, T, keys)` is folded the same way.
+    """
+    text_rows, heads, length, dim = query.shape
+    group = text_rows // rows
+    if group == 1:
+        return query, mask
+    query = query.view(rows, group, heads, length, dim).transpose(1, 2).reshape(rows, heads, group * length, dim)
+    if mask is not None:
+        mask = mask.view(rows, group, 1, length, mask.shape[-1]).transpose(1, 2).reshape(rows, 1, group * length, -1)
+    return query, mask
+
+
+def _unfold_rows(out: torch.Tensor, text_rows: int) -> torch.Tensor:
+    """Inverse of `_fold_rows` for the attention output `(rows, group * T, heads, d)` -> `(text rows, T, heads, d)`."""
+    rows, folded, heads, dim = out.shape
+    group = text_rows // rows
+    if group == 1:
+        return out
+    return out.view(rows, group, folded // group, heads, dim).reshape(text_rows, folded // group, heads, dim)
+
+
 class InfiMMCrossAttention(_AttentionModule):
     """Text queries, image-latent keys/values; masked so each token sees only its own image."""
 
@@ -265,8 +285,8 @@ class InfiMMCrossAttention(_AttentionModule):
         """`hidden_states` `(text rows, T, text_dim)`; `key` / `value` `(image rows, heads, keys, head_dim)`, the
         image rows dividing the text rows (each shared by a group of consecutive text rows)."""
         q = _split_heads(self.to_q(self.norm(hidden_states)), self.heads)
-        q, mask = fold_rows(q, mask, key.shape[0])
-        out = unfold_rows(_attention(self, q, key, value, mask), hidden_states.shape[0]).flatten(2)
+        q, mask = _fold_rows(q, mask, key.shape[0])
+        out = _unfold_rows(_attention(self, q, key, value, mask), hidden_states.shape[0]).flatten(2)
         if no_media is not None:
             # Tokens before the first image: their mask row was opened to avoid NaNs; their output is zero.
             out = out.masked_fill(no_media.unsqueeze(-1), 0.0)
@@ -284,67 +304,63 @@ class InfiMMGatedCrossAttentionBlock(GradientCheckpointingLayer):
         self.ff = _feed_forward(config.text_config.hidden_size, config.cross_attn_ff_mult)
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, hidden_states: torch.Tensor, latents: torch.Tensor | None, image_inputs: ImageInputs) -> torch.Tensor:
-        # `latents` is `image_inputs.latents`, passed as a positional tensor so that reentrant activation checkpointing
-        # (`use_reentrant=True`) treats it as an input; hidden inside `image_inputs`, each block's recomputation would
-        # backpropagate into the resampler's graph and the second block would find it freed.
+    def forward(
+        self, hidden_states: torch.Tensor, latents: torch.Tensor | None, plan: ImagePlan,
+        image_cache: ImageCacheLayer | None = None,
+    ) -> torch.Tensor:
+        """`latents` `(image rows, new images * latents, vision_dim)`: this call's new images (None when there are
+        none); `plan` says which image each token sees; `image_cache` (the cache's image layer, None without a
+        cache) gives the cached last images and records this call's."""
+        # `latents` comes positionally so that reentrant activation checkpointing (`use_reentrant=True`) treats it
+        # as an input; hidden in another argument, each block's recomputation would backpropagate into the
+        # resampler's graph and the second block would find it freed.
         # `.to(device)` calls are no-ops on one device; with a device map they follow this block's layer.
         device = hidden_states.device
-        key, value = self.image_key_values(image_inputs, device, latents)
-        mask = None if image_inputs.mask is None else image_inputs.mask.to(device)
-        no_media = None if image_inputs.no_media is None else image_inputs.no_media.to(device)
-        attn = self.attn(hidden_states, key, value, mask, no_media)
-        flag = image_inputs.has_media.to(device=device, dtype=hidden_states.dtype).view(-1, 1, 1)
+        key = value = None
+        if latents is not None:
+            key, value = self.attn.key_values(latents.to(device))
+        if image_cache is not None:
+            key, value = image_cache.update(key, value, self.layer_idx, plan)
+        mask = None if plan.mask is None else plan.mask.to(device)
+        no_media = None if plan.no_media is None else plan.no_media.to(device)
+        attn = self.attn(hidden_states, key.to(device), value.to(device), mask, no_media)
+        flag = plan.has_media.to(device=device, dtype=hidden_states.dtype).view(-1, 1, 1)
         hidden_states = hidden_states + flag * self.attn_gate.tanh() * attn
         return hidden_states + flag * self.ff_gate.tanh() * self.ff(hidden_states)
 
-    def image_key_values(self, image_inputs: ImageInputs, device, latents=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """This block's keys/values, `(image rows, heads, slots * latents, head_dim)`: the cached last image of a
-        prefix (if any) then this call's new images; records each row's last image in `image_inputs.store`."""
-        keys, values = [], []
-        if image_inputs.cached is not None:
-            key, value = image_inputs.cached.key_values[self.layer_idx]
-            keys.append(expand_rows(key.to(device), image_inputs.rows))
-            values.append(expand_rows(value.to(device), image_inputs.rows))
-        if latents is not None:
-            key, value = self.attn.key_values(latents.to(device))
-            keys.append(key)
-            values.append(value)
-        key, value = (keys[0], values[0]) if len(keys) == 1 else (torch.cat(keys, 2), torch.cat(values, 2))
-        if image_inputs.store is not None:
-            rows = torch.arange(key.shape[0], device=device)
-            last = image_inputs.last_slot.to(device)
-            # (rows, heads, slots * latents, d) -> (rows, heads, slots, latents, d) -> each row's last image
-            image_inputs.store.key_values[self.layer_idx] = (
-                key.unflatten(2, (-1, image_inputs.num_latents))[rows, :, last],
-                value.unflatten(2, (-1, image_inputs.num_latents))[rows, :, last],
-            )
-        return key, value
+
+class _BlockImages(NamedTuple):
+    """What every block of one forward call reads: the plan, the new images' latents `(image rows, new images *
+    latents, vision_dim)` (None when the call encodes none) and the cache's image layer (None without a cache)."""
+
+    plan: ImagePlan
+    latents: torch.Tensor | None
+    image_cache: ImageCacheLayer | None
 
 
 def _cross_attention_pre_hook(model, block_key, module, args, kwargs):
-    """Runs `model.cross_attention_layers[block_key]` (if the layer has a block) on the layer's input; hides the image
-    inputs from the layer itself.
+    """Runs `model.cross_attention_layers[block_key]` (if the layer has a block) on the layer's input; hides the
+    images from the layer itself.
 
     The block is looked up on the model at every call rather than held by the hook, so a wrapper that replaces it
     (PEFT's `modules_to_save`, say) is what runs.
     """
-    image_inputs = kwargs.pop(_IMAGE_INPUTS_KWARG, None)
-    if block_key is None or image_inputs is None:
+    images = kwargs.pop(_BLOCK_IMAGES_KWARG, None)
+    if block_key is None or images is None:
         return args, kwargs
     block = model.cross_attention_layers[block_key]
     if args:
-        args = (block(args[0], image_inputs.latents, image_inputs), *args[1:])
+        args = (block(args[0], images.latents, images.plan, images.image_cache), *args[1:])
     else:
-        kwargs["hidden_states"] = block(kwargs["hidden_states"], image_inputs.latents, image_inputs)
+        kwargs["hidden_states"] = block(kwargs["hidden_states"], images.latents, images.plan, images.image_cache)
     return args, kwargs
 
 
 # ----------------------------------------------------------------------------------------------------- models
-def check_text_inputs(input_ids, length: int, cached: int, text_config) -> None:
+def check_text_inputs(input_ids, length: int, cache_length: int, text_config) -> None:
     """Refuses, at the door, token inputs the language model would fail on deep inside PyTorch or silently
     mishandle: no tokens, ids outside the vocabulary, more positions than the model was trained for. Runs where the
-    caller's tokens enter (a prompt, a continuation), not in generated steps."""
+    caller's tokens enter (a prompt, a continuation of `cache_length` cached tokens), not in generated steps."""
     if length == 0:
         raise ValueError(
             "The input holds no tokens (`input_ids` of length 0). Give at least one token, e.g. the processor's "
@@ -359,12 +375,54 @@ def check_text_inputs(input_ids, length: int, cached: int, text_config) -> None:
                 "(the release pads with `</s>`) and be masked by `attention_mask`, not marked with -100 or -1."
             )
     limit = getattr(text_config, "max_position_embeddings", None)
-    if limit and cached + length > limit:
+    if limit and cache_length + length > limit:
         raise ValueError(
-            f"The sequence is {cached + length} tokens ({cached} cached + {length} new) but the language model has "
-            f"{limit} positions. Shorten the prompt: the processor truncates with `truncation=True, "
+            f"The sequence is {cache_length + length} tokens ({cache_length} cached + {length} new) but the language "
+            f"model has {limit} positions. Shorten the prompt: the processor truncates with `truncation=True, "
             f"max_length=...` (on the left, as the release did), or start a new conversation."
         )
+
+
+def as_image_batch(pixel_values: torch.Tensor, image_size: int) -> torch.Tensor:
+    """`(batch, images, 3, H, W)`; also takes the release's `(batch, images, 1, 3, H, W)` and `(batch, 3, H, W)`.
+
+    Checks what the tower can take here, where the fix is obvious, rather than deep inside timm.
+    """
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(
+            f"`pixel_values` must be a torch.Tensor; got {type(pixel_values).__name__}. The processor returns them "
+            "(`InfiMMProcessor(images=..., text=..., return_tensors='pt')`)."
+        )
+    if pixel_values.ndim == 6 and pixel_values.shape[2] == 1:
+        pixel_values = pixel_values.squeeze(2)
+    elif pixel_values.ndim == 4:
+        pixel_values = pixel_values.unsqueeze(1)
+    if pixel_values.ndim != 5:
+        raise ValueError(
+            "`pixel_values` must be (batch, images, 3, height, width) (or the release's (batch, images, 1, 3, "
+            f"height, width)); got shape {tuple(pixel_values.shape)}. The processor produces this layout."
+        )
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"`pixel_values` must be a floating-point tensor of normalised pixels; got dtype {pixel_values.dtype}. "
+            "Pass images through the processor, which resizes, rescales and normalises them."
+        )
+    channels, height, width = pixel_values.shape[-3:]
+    if channels != 3 or height != image_size or width != image_size:
+        raise ValueError(
+            f"`pixel_values` images must be 3 x {image_size} x {image_size} (RGB at the vision tower's size); got "
+            f"{channels} x {height} x {width}. The model's processor resizes, crops and converts images to this."
+        )
+    # One reduction where images enter (never in a decode step): NaN or inf would spread through every attention
+    # output and come out as finite-looking garbage tokens.
+    if not bool(torch.isfinite(pixel_values).all()):
+        bad = (~torch.isfinite(pixel_values)).flatten(2).any(-1).nonzero().tolist()
+        raise ValueError(
+            f"`pixel_values` hold NaN or infinite values (in (sample, image) {bad[:4]}"
+            f"{' and more' if len(bad) > 4 else ''}). Check how they were computed: the processor only produces "
+            "finite values, so build them with it, or replace the bad images."
+        )
+    return pixel_values
 
 
 class InfiMMPreTrainedModel(PreTrainedModel):
@@ -498,9 +556,10 @@ class InfiMMModel(InfiMMPreTrainedModel):
         if asked, the tower's hidden states as transformers lays them out: the embeddings (the first block's input)
         followed by every block's output, `depth + 1` tensors.
 
-        The features are the last block's output before the tower's final norm, CLS token first (REFERENCE:
-        "Vision features"); the final norm and head are unused by design (they stay in the checkpoint, which is
-        timm's own layout). The tower runs without autograd unless one of its parameters is trainable.
+        The features are the last block's output before the tower's final norm, CLS token first, as the release
+        feeds its resampler (README, "Conventions shared with transformers' VLMs"); the final norm and head are
+        unused by design (they stay in the checkpoint, which is timm's own layout). The tower runs without autograd
+        unless one of its parameters is trainable.
         """
         tower_blocks = self.vision_tower.timm_model.blocks
         depth = len(tower_blocks)
@@ -588,154 +647,38 @@ class InfiMMModel(InfiMMPreTrainedModel):
         ).to(inputs_embeds.dtype)
         return (inputs_embeds == media).all(-1)
 
-    def _image_inputs(self, is_media, pixel_values, image_mask, attention_mask, prefix, continuing, keep_state,
-                      output_hidden_states=False):
-        """Builds this call's `ImageInputs` (None when no row has an image), the image state the cache keeps after the
-        call, and the vision outputs of the images encoded here.
-
-        `prefix` is the image state of the cached tokens when `continuing` (None: the cached tokens hold no image).
-        The images of `pixel_values` that a cached prefix already holds are checked (count and fingerprints) and not
-        encoded again; `pixel_values` may also hold only the new images.
-        """
-        text_rows, new_tokens = is_media.shape[0], is_media.sum(1)
-        prefix = prefix if continuing else None
-        cached_rows = prefix.rows if prefix is not None else text_rows
-        cached = (
-            expand_rows(prefix.num_images.to(is_media.device), text_rows)
-            if prefix is not None else new_tokens.new_zeros(text_rows)
-        )
-        if prefix is not None:
-            rows_per_image_row(text_rows, cached_rows, "The cache's image state")
-        image_outputs = latents = new_real = None
-        if pixel_values is None:
-            if bool(new_tokens.any()):
-                raise ValueError(
-                    f"The input holds {int(new_tokens.sum())} `<image>` tokens but no `pixel_values` were given. Pass "
-                    "the images (the processor returns `pixel_values`), or remove the `<image>` tokens from the text."
-                )
-        else:
-            pixel_values = as_image_batch(pixel_values, self.config.image_size)
-            group = rows_per_image_row(text_rows, pixel_values.shape[0])
-            tokens = images_per_row(new_tokens, group)
-            real, count = real_image_slots(pixel_values, image_mask)
-            skip = self._cached_images_in(pixel_values, real, count, cached[::group], tokens, prefix, text_rows)
-            new_real = real & (real.cumsum(1) > skip[:, None])
-            new_count = new_real.sum(1)
-            if bool(new_real.any()):
-                # Encode new real images only, once per image row: batch padding and a cached prefix's images never
-                # reach the tower, and beams / returned sequences of one prompt share their encoding.
-                features, encoded, blocks = self._encode_images(pixel_values[new_real], output_hidden_states)
-                # Laid out as `get_image_features(pixel_values, image_mask)` lays them out: one entry per image row.
-                image_outputs = self._per_sample_image_outputs(features, encoded, blocks, new_real)
-                latents = encoded.new_zeros(pixel_values.shape[0], int(new_count.max()), *encoded.shape[1:])
-                latents[new_real.nonzero(as_tuple=True)[0], (new_real.cumsum(1) - 1)[new_real]] = encoded
-        if continuing and latents is not None:
-            self._check_prefix_flag(cached, new_tokens, attention_mask, is_media.shape[1])
-
-        cached_slot = prefix is not None and prefix.any_media
-        if latents is None and not cached_slot:
-            state = (
-                InfiMMImageState(cached.new_zeros(cached_rows), torch.zeros(cached_rows, 0, 2), any_media=False)
-                if keep_state else None
-            )
-            return None, (prefix if prefix is not None else state), None
-
-        # Image rows of this call's keys: the cached rows, the new images' rows, or both when one expands the other
-        # (a prefix cached once, continued by a batch of queries).
-        rows = math.lcm(cached_rows if cached_slot else 1, latents.shape[0] if latents is not None else 1)
-        rows_per_image_row(text_rows, rows)
+    def _plan_images(self, input_ids, inputs_embeds, pixel_values, image_mask, attention_mask, cache, decoding):
+        """`(plan, image_cache, pixel_values)`: this call's `ImagePlan`, the cache's image layer (None without a
+        cache) and the pixel values in the model's layout (checked here, where they enter)."""
+        image_cache = None
+        if cache is not None:
+            image_cache = attach_image_layer(cache, self.config.text_config.num_hidden_layers)
         num_latents = self.config.resampler_num_latents
-        mask, no_media = token_slots(
-            is_media, cached, cached_slot, latents.shape[1] if latents is not None else 0, num_latents
+        if decoding and image_cache is not None and image_cache.image_state is not None:
+            text_rows = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
+            return plan_decode(image_cache, text_rows, num_latents), image_cache, None
+        is_media = self._image_media(input_ids, inputs_embeds)
+        if is_media is None:
+            raise ValueError("You have to specify either `input_ids` or `inputs_embeds`.")
+        cache_length = int(cache.get_seq_length()) if cache is not None else 0
+        check_text_inputs(input_ids, is_media.shape[1], cache_length, self.config.text_config)
+        if pixel_values is not None:
+            pixel_values = as_image_batch(pixel_values, self.config.image_size)
+        mode = CallMode.CONTINUE if cache_length > 0 else CallMode.PREFILL
+        plan = plan_prompt(
+            mode, is_media, pixel_values, image_mask, attention_mask, image_cache, cache_length, num_latents
         )
-        image_inputs = ImageInputs(
-            has_media=(cached + new_tokens) > 0,
-            rows=rows,
-            num_latents=num_latents,
-            latents=None if latents is None else expand_rows(latents, rows).flatten(1, 2),
-            cached=prefix if cached_slot else None,
-            mask=mask,
-            no_media=no_media,
-        )
-        state = prefix
-        if keep_state and latents is not None:
-            cached_r = cached[:: text_rows // rows]
-            new_r = expand_rows(new_count.to(cached_r.device), rows)
-            image_inputs.last_slot = (new_r + int(cached_slot) - 1).clamp(min=0)
-            state = InfiMMImageState(
-                cached_r + new_r, self._state_fingerprints(prefix, pixel_values, new_real, rows, cached_r)
-            )
-            image_inputs.store = state
-        return image_inputs, state, image_outputs
+        return plan, image_cache, pixel_values
 
-    @staticmethod
-    def _cached_images_in(pixel_values, real, count, cached, tokens, prefix, text_rows) -> torch.Tensor:
-        """How many leading real images of each image row the cached prefix already holds (0 when `pixel_values` hold
-        only the new images); refuses counts that fit neither and images that differ from the cached ones."""
-        if prefix is None or not bool(cached.any()):
-            full = count == tokens
-        else:
-            full = count == cached + tokens
-        only_new = count == tokens
-        if not bool((full | only_new).all()):
-            b = int((~(full | only_new)).nonzero()[0, 0])
-            if prefix is None or not bool(cached.any()):
-                raise ValueError(
-                    f"Sample {b} has {int(tokens[b])} `<image>` tokens but {int(count[b])} images (pixel_values has "
-                    f"{pixel_values.shape[1]} image slots per sample). Put exactly one `<image>` token in the text for "
-                    "each image, or pass `image_mask` to mark which slots are padding."
-                )
-            raise ValueError(
-                f"Sample {b} continues a cached prefix holding {int(cached[b])} images with {int(tokens[b])} new "
-                f"`<image>` tokens, but pixel_values holds {int(count[b])} images for it. Pass all of the prompt's "
-                f"images ({int(cached[b] + tokens[b])}) or only the new ones ({int(tokens[b])})."
-            )
-        skip = torch.where(full, cached, torch.zeros_like(cached))
-        if prefix is not None and bool(skip.any()):
-            state_rows = expand_rows(torch.arange(prefix.rows, device=skip.device), text_rows)
-            state_rows = state_rows[:: text_rows // pixel_values.shape[0]]
-            rank = real.cumsum(1)
-            for row in skip.nonzero()[:, 0].tolist():
-                n = int(skip[row])
-                given = fingerprints(pixel_values[row][real[row] & (rank[row] <= n)])
-                stored = prefix.fingerprints[int(state_rows[row]), :n].to(given.device)
-                if not torch.allclose(given, stored, rtol=1e-3, atol=1e-3):
-                    raise ValueError(
-                        f"Sample {row}: the first {n} images of pixel_values differ from the images of the cached "
-                        "prefix. A cache continues only the prompt it was computed for: pass the same images, or "
-                        "run the whole prompt without the cache."
-                    )
-        return skip
-
-    @staticmethod
-    def _check_prefix_flag(cached, new_tokens, attention_mask, new_length):
-        """A sample's text before its first image is computed with the per-sample flag on (REFERENCE: `flag`): a
-        cached prefix that held text but no image was computed with it off, so it cannot take a first image."""
-        prefix_has_text = torch.ones_like(cached, dtype=torch.bool)
-        if attention_mask is not None and attention_mask.ndim == 2 and attention_mask.shape[1] > new_length:
-            prefix_has_text = attention_mask[:, :-new_length].to(cached.device).bool().any(1)
-        late = (cached == 0) & (new_tokens.to(cached.device) > 0) & prefix_has_text
-        if bool(late.any()):
-            b = int(late.nonzero()[0, 0])
-            raise ValueError(
-                f"Sample {b}: the cached prefix holds text but no image, and the continuation adds its first image. "
-                "InfiMM's per-sample flag makes the text before a sample's first image depend on whether the sample "
-                "has an image at all, so this cache cannot be continued exactly: run the whole prompt without it."
-            )
-
-    @staticmethod
-    def _state_fingerprints(prefix, pixel_values, new_real, rows, cached_r) -> torch.Tensor:
-        """`(rows, images, 2)`: the cached images' fingerprints followed by the new ones', per image row."""
-        new = list(fingerprints(pixel_values[new_real]).cpu().split(new_real.sum(1).tolist()))
-        per_row = [new[r * len(new) // rows] for r in range(rows)]
-        if prefix is not None:
-            old = expand_rows(prefix.fingerprints.cpu(), rows)
-            per_row = [torch.cat([old[r, : int(cached_r[r])].double(), per_row[r].double()]) for r in range(rows)]
-        width = max(t.shape[0] for t in per_row)
-        out = torch.zeros(rows, width, 2, dtype=torch.float64)
-        for r, t in enumerate(per_row):
-            out[r, : t.shape[0]] = t
-        return out
+    def _encode_planned(self, plan: ImagePlan, pixel_values, output_hidden_states: bool):
+        """`(latents, image_outputs)`: the new images the plan names, encoded once per image row (batch padding and
+        a cached prefix's images never reach the tower, and the beams / returned sequences of one prompt share their
+        encoding), as the blocks read them `(image rows, new images * latents, vision_dim)`, and the vision outputs
+        laid out as `get_image_features(pixel_values, image_mask)` lays them out; (None, None) without new images."""
+        if plan.encode is None:
+            return None, None
+        features, encoded, blocks = self._encode_images(pixel_values[plan.encode], output_hidden_states)
+        return plan.place(encoded), self._per_sample_image_outputs(features, encoded, blocks, plan.encode)
 
     @_accepts_old_cache_name
     @can_return_tuple
@@ -761,8 +704,8 @@ class InfiMMModel(InfiMMPreTrainedModel):
         image_mask (`torch.Tensor` of shape `(batch, images)`, *optional*):
             True for real images, False for padding slots (the processor returns it).
         cache (`Cache`, *optional*):
-            The language model's cache; it also carries the image state of the tokens it holds (`infimm_images`),
-            so a cached prefix continues exactly.
+            The language model's cache; it also holds the image state of the tokens it holds (a layer after the
+            decoder's, see `image_state_infimm`), so a cached prefix continues exactly.
         past_key_values (`Cache`, *optional*):
             The name of `cache` before transformers 5.24; either is accepted.
         """
@@ -771,41 +714,20 @@ class InfiMMModel(InfiMMPreTrainedModel):
         if use_cache is None:
             use_cache = self.config.text_config.use_cache
         if use_cache and cache is None:
-            # Created here rather than inside the language model so that the image state can ride on it.
+            # Created here rather than inside the language model so that the image state can live in it.
             cache = DynamicCache(config=self.config.text_config)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
 
-        prefix = image_state(cache)
-        image_outputs = image_hidden_states = None
-        if decoding and prefix is not None:
-            # A generated step: its tokens follow the prompt's last image; no per-image work, no device sync.
-            image_inputs = None
-            if prefix.any_media:
-                rows = input_ids.shape[0] if input_ids is not None else inputs_embeds.shape[0]
-                image_inputs = ImageInputs(
-                    has_media=expand_rows(prefix.num_images > 0, rows), rows=prefix.rows,
-                    num_latents=self.config.resampler_num_latents, cached=prefix,
-                )
-            state = prefix
-        else:
-            is_media = self._image_media(input_ids, inputs_embeds)
-            continuing = cache is not None and cache.get_seq_length() > 0
-            if is_media is None:
-                raise ValueError("You have to specify either `input_ids` or `inputs_embeds`.")
-            check_text_inputs(input_ids, is_media.shape[1], cache.get_seq_length() if continuing else 0,
-                              self.config.text_config)
-            image_inputs, state, image_outputs = self._image_inputs(
-                is_media, pixel_values, image_mask, attention_mask, prefix, continuing,
-                keep_state=cache is not None, output_hidden_states=bool(output_hidden_states),
-            )
-            if image_outputs is not None:
-                image_hidden_states = image_inputs.latents.unflatten(1, (-1, image_inputs.num_latents))
-        if cache is not None:
-            set_image_state(cache, state)
-        if image_inputs is not None:
-            kwargs[_IMAGE_INPUTS_KWARG] = image_inputs
+        plan, image_cache, pixel_values = self._plan_images(
+            input_ids, inputs_embeds, pixel_values, image_mask, attention_mask, cache, decoding
+        )
+        latents, image_outputs = self._encode_planned(plan, pixel_values, bool(output_hidden_states))
+        if image_cache is not None:
+            image_cache.advance(plan)
+        if plan.runs_blocks:
+            kwargs[_BLOCK_IMAGES_KWARG] = _BlockImages(plan, latents, image_cache)
         outputs = self.language_model.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -816,6 +738,9 @@ class InfiMMModel(InfiMMPreTrainedModel):
             **{_CACHE: cache},
             **kwargs,
         )
+        image_hidden_states = None
+        if image_outputs is not None:
+            image_hidden_states = latents.unflatten(1, (-1, self.config.resampler_num_latents))
         return InfiMMModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
             **{_CACHE: getattr(outputs, _CACHE)},
@@ -994,6 +919,4 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
         return generator
 
 
-__all__ = [
-    "CACHE_ARGUMENT", "InfiMMPreTrainedModel", "InfiMMModel", "InfiMMForConditionalGeneration", "InfiMMImageState"
-]
+__all__ = ["CACHE_ARGUMENT", "InfiMMPreTrainedModel", "InfiMMModel", "InfiMMForConditionalGeneration"]

@@ -10,6 +10,7 @@ from packaging.version import Version
 from transformers import TextIteratorStreamer
 
 from conftest import TOKENIZER_DIR, tiny_model
+from infimm.image_state_infimm import image_layer
 from infimm.modeling_infimm import _DECODING_KWARG
 
 IMAGE, EOC = 32001, 32000
@@ -58,9 +59,10 @@ def test_cached_image_key_values_equal_recomputed():
     ids, mask, pixels, image_mask = _prompt_batch()
     prefill = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
                     pixel_values=pixels, image_mask=image_mask, use_cache=True)
-    # The image state rides on the language model's cache: each block's keys/values of each sample's last image.
-    state = prefill[CACHE_NAME].infimm_images
-    assert sorted(state.key_values) == model.config.cross_attention_layers and state.num_images.tolist() == [1, 3]
+    # The image state lives in the language model's cache: each block's keys/values of each sample's last image.
+    images = image_layer(prefill[CACHE_NAME])
+    assert sorted(images.key_values) == model.config.cross_attention_layers
+    assert images.image_state.num_images.tolist() == [1, 3]
     next_ids = prefill.logits[:, -1].argmax(-1, keepdim=True)
     step_mask = torch.cat([mask, torch.ones_like(next_ids)], dim=1)
     positions = step_mask.sum(1, keepdim=True) - 1

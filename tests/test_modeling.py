@@ -1,8 +1,8 @@
 """Behaviour of `InfiMMForConditionalGeneration` against references built outside it.
 
 References: timm's EVA run block by block, a separately built `MistralForCausalLM` holding the same LM weights,
-hand-written loops and losses, and the spec's rules of which image a token sees (REFERENCE.md, "Forward
-semantics"). The tiny models keep the real vocabulary and token ids; gates are opened so the images matter.
+hand-written loops and losses, and the rules of which image a token sees (README, "Python usage": "Semantics
+(from the release)"). The tiny models keep the real vocabulary and token ids; gates are opened so the images matter.
 """
 
 import contextlib
@@ -468,7 +468,8 @@ def test_config_validation_edges():
 def test_legacy_release_config_gives_the_zephyr_shapes():
     config = InfiMMConfig.from_pretrained(RELEASE_DIR)
     assert config.model_type == "infimm"
-    # REFERENCE.md: EVA02-CLIP-L-14-336 tower, 577 tokens per image; Zephyr-7B LM with 32002 tokens.
+    # README, "The model family": an EVA02-CLIP-L/14 tower at 336 px (577 tokens per image), Zephyr-7B with a
+    # 32002-token vocabulary.
     assert config.vision_config.architecture == "eva02_large_patch14_clip_336"
     args = config.vision_config.model_args
     assert (args["img_size"], args["patch_size"], args["embed_dim"], args["depth"], args["num_heads"]) == (

@@ -17,6 +17,8 @@ from transformers import DynamicCache
 
 from conftest import tiny_model
 
+from infimm.image_state_infimm import image_layer
+
 IMAGE, EOC, BOS, PAD = 32001, 32000, 1, 2
 # transformers 5.24 renamed the cache argument `past_key_values` -> `cache`; read off the release number.
 CACHE = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
@@ -241,7 +243,8 @@ def test_the_image_state_travels_with_deepcopy(model):
     prefix = _batch([([BOS, EOC, IMAGE, *_text(3, 120)], _images(1, 121))])
     cache = _prefix_cache(model, prefix)
     copied = copy.deepcopy(cache)
-    state, copied_state = cache.infimm_images, copied.infimm_images
-    assert copied_state is not state and copied_state.num_images.tolist() == [1]
-    for layer, (key, value) in state.key_values.items():
-        assert torch.equal(copied_state.key_values[layer][0], key) and torch.equal(copied_state.key_values[layer][1], value)
+    images, copied_images = image_layer(cache), image_layer(copied)
+    assert copied_images is not images and copied_images.image_state.num_images.tolist() == [1]
+    for layer, (key, value) in images.key_values.items():
+        copied_key, copied_value = copied_images.key_values[layer]
+        assert torch.equal(copied_key, key) and torch.equal(copied_value, value)
