@@ -13,12 +13,17 @@ than on the picture, this module makes a documented choice instead:
 - files and URLs are opened with their EXIF orientation applied, so photos are upright.
 
 `InfiMMImageProcessor` (PIL) is exact; `InfiMMImageProcessorFast` (torchvision) is within 0.035 of it.
+
+Which image sources are opened at all is the process-wide `ImageSourcePolicy` (`set_image_source_policy`). Library
+users get everything documented (paths, http(s) URLs, data URIs); a server taking images from clients it does not
+trust sets a stricter one (`infimm serve` does: data URIs and http(s) URLs of image content types only).
 """
 
 from .versions_infimm import TRANSFORMERS_REQUIREMENT  # noqa: F401  (first: refuses an unsupported transformers)
 
 import base64
 import binascii
+import dataclasses
 import io
 import os
 import time
@@ -47,6 +52,61 @@ DOWNLOAD_TIMEOUT = 10.0
 DOWNLOAD_DEADLINE = 60.0
 MAX_DOWNLOAD_BYTES = 64 * 2**20
 _READ_SIZE = 64 * 2**10
+
+
+# ------------------------------------------------------------------------------------------------ image sources
+@dataclasses.dataclass(frozen=True)
+class ImageSourcePolicy:
+    """Which image sources `load_image` opens, for the whole process. The default opens everything the library
+    documents, as it always has; code that passes on image references from people it does not trust (a server)
+    sets a stricter policy once, at startup, with `set_image_source_policy`, before any image is read.
+
+    - `local_files`: paths on this machine (and anything that is neither an http(s) URL nor a `data:image/` URI,
+      `file:` URLs included). Off, they are refused before the file system is touched.
+    - `urls`: http(s) URLs, downloaded within the image processor's `download_timeout`, `download_deadline` and
+      `max_download_bytes`. Data URIs are always accepted (bounded by `max_download_bytes`).
+    - `image_content_types_only`: refuse a download whose `Content-Type` is not `image/*`, before its body is read
+      (by default the content type only explains why Pillow could not read the data).
+    - `advice`: what a refusal tells the reader to change, by the setting that refused: "local_files", "urls",
+      "image_content_types_only", "max_download_bytes", "download_deadline", "max_image_pixels". A server names its
+      own flags there; without an entry, the message names the library setting.
+
+    Pixel counts are Pillow's: `PIL.Image.MAX_IMAGE_PIXELS` (a warning past it, an error past twice it). A server
+    that wants every image past it refused makes the warning an error
+    (`warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)`); both are refused with a `ValueError`.
+    """
+
+    local_files: bool = True
+    urls: bool = True
+    image_content_types_only: bool = False
+    advice: dict = dataclasses.field(default_factory=dict)
+
+
+_image_source_policy = ImageSourcePolicy()
+
+
+def image_source_policy() -> ImageSourcePolicy:
+    """The image source policy in effect in this process."""
+    return _image_source_policy
+
+
+def set_image_source_policy(policy: ImageSourcePolicy) -> ImageSourcePolicy:
+    """Makes `policy` the process's image source policy; returns the previous one (to restore it)."""
+    global _image_source_policy
+    if not isinstance(policy, ImageSourcePolicy):
+        raise ValueError(f"Pass an `ImageSourcePolicy`; got {type(policy).__name__}.")
+    previous, _image_source_policy = _image_source_policy, policy
+    return previous
+
+
+def _advice(setting: str, default: str) -> str:
+    """How a refusal by `setting` can be lifted: the policy's advice if it has some, else `default`."""
+    return _image_source_policy.advice.get(setting) or default
+
+
+def _short(source: str, limit: int = 80) -> str:
+    """`source` quoted for a message, cut to `limit` characters (it came from someone else and may be huge)."""
+    return repr(source if len(source) <= limit else source[:limit] + "...")
 
 
 # ------------------------------------------------------------------------------------------------- image input
@@ -78,11 +138,13 @@ def _open_bytes(data: bytes, name: str, hint: str = "") -> PIL.Image.Image:
         raise ValueError(f"Could not read the image {name}: it is empty (0 bytes). Re-download or re-export it.")
     try:
         image = PIL.Image.open(io.BytesIO(data))
-    except PIL.Image.DecompressionBombError as err:
+    except (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning) as err:
+        # The warning arrives here only where the process turned it into an error (see `ImageSourcePolicy`).
+        fix = _advice("max_image_pixels",
+                      "Downscale it first; if you trust the file, raise `PIL.Image.MAX_IMAGE_PIXELS`.")
         raise ValueError(
             f"Refused the image {name}: it declares more pixels than Pillow's limit of {PIL.Image.MAX_IMAGE_PIXELS} "
-            f"allows (a decompression bomb, or a huge scan): {err}. Downscale it first; if you trust the file, raise "
-            "`PIL.Image.MAX_IMAGE_PIXELS`."
+            f"allows (a decompression bomb, or a huge scan): {err}. {fix}"
         ) from err
     except (PIL.UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(
@@ -92,9 +154,11 @@ def _open_bytes(data: bytes, name: str, hint: str = "") -> PIL.Image.Image:
     return _decode(image, name)
 
 
-def _download(url: str, timeout: float, deadline: float, max_bytes: int) -> tuple[bytes, str]:
+def _download(url: str, timeout: float, deadline: float, max_bytes: int,
+              image_types_only: bool = False) -> tuple[bytes, str]:
     """The body and content type of `url`, read in chunks so that the whole download, not only each read, has a
     deadline and a size cap: a server that trickles bytes or never stops is cut off with a `ValueError`.
+    With `image_types_only`, a content type other than `image/*` is refused before the body is read.
 
     The deadline is checked between reads and one read waits at most `timeout`, so a call returns within
     `deadline + timeout` seconds.
@@ -102,6 +166,9 @@ def _download(url: str, timeout: float, deadline: float, max_bytes: int) -> tupl
     started = time.monotonic()
     with urllib.request.urlopen(url, timeout=timeout) as response:
         content_type = response.headers.get_content_type()
+        if image_types_only and not content_type.startswith("image/"):
+            raise _DownloadRefused(f"the server sent it as {content_type!r}, not as an image (image/*)",
+                                   "image_content_types_only")
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > max_bytes:
             raise _DownloadRefused(f"it is {int(declared)} bytes, over the {max_bytes}-byte cap", "max_download_bytes")
@@ -135,19 +202,28 @@ def load_image(
     """Opens a local path, an http(s) URL or a `data:image/...;base64,` URI; raises `ValueError` saying what failed.
 
     URLs: each network read waits at most `timeout` seconds, the whole download at most `deadline` seconds, and at
-    most `max_bytes` bytes are accepted (also the cap on a data URI's decoded size).
+    most `max_bytes` bytes are accepted (also the cap on a data URI's decoded size). The process's
+    `ImageSourcePolicy` may refuse local paths, URLs or non-image content types first.
     """
     if isinstance(source, os.PathLike):
         source = os.fspath(source)
+    policy = _image_source_policy
     hint = ""
     if source.startswith(("http://", "https://")):
-        try:
-            data, content_type = _download(source, timeout, deadline, max_bytes)
-        except _DownloadRefused as err:
+        if not policy.urls:
             raise ValueError(
-                f"Refused the image at {source!r}: {err}. Download it yourself and pass the file, or raise the image "
-                f"processor's `{err.setting}` (or `load_image(..., {err.setting.replace('download_', '')}=...)`)."
-            ) from None
+                f"Refused the image at {_short(source)}: image URLs are not accepted here. "
+                + _advice("urls", "Pass the image itself, or allow URLs in the `ImageSourcePolicy`.")
+            )
+        try:
+            data, content_type = _download(source, timeout, deadline, max_bytes, policy.image_content_types_only)
+        except _DownloadRefused as err:
+            if err.setting == "image_content_types_only":
+                default = "Pass a URL that serves an image, or allow other types in the `ImageSourcePolicy`."
+            else:
+                default = (f"Download it yourself and pass the file, or raise the image processor's `{err.setting}` "
+                           f"(or `load_image(..., {err.setting.replace('download_', '')}=...)`).")
+            raise ValueError(f"Refused the image at {source!r}: {err}. {_advice(err.setting, default)}") from None
         except (urllib.error.URLError, OSError, ValueError) as err:
             raise ValueError(
                 f"Could not download the image at {source!r} ({err}). Check the URL and your connection, or "
@@ -159,9 +235,11 @@ def load_image(
     elif source.startswith("data:image/"):
         payload = source.split(",", 1)[1] if "," in source else ""
         if len(payload) * 3 // 4 > max_bytes:
+            fix = _advice("max_download_bytes", "Send a smaller image, or raise the image processor's "
+                                                "`max_download_bytes`.")
             raise ValueError(
                 f"Refused a `data:image/...` URI: it holds about {len(payload) * 3 // 4} bytes, over the "
-                f"{max_bytes}-byte cap. Send a smaller image, or raise the image processor's `max_download_bytes`."
+                f"{max_bytes}-byte cap. {fix}"
             )
         try:
             data = base64.b64decode(payload, validate=True)
@@ -172,6 +250,13 @@ def load_image(
             ) from err
         name = "in the data URI"
     else:
+        if not policy.local_files:
+            # Before any file-system call: a refused path must not tell its sender whether it exists.
+            raise ValueError(
+                f"Refused the image {_short(source)}: local paths and `file:` URLs are not accepted here, only "
+                "`data:image/...;base64,` URIs and http(s) URLs. "
+                + _advice("local_files", "Pass the image itself, or allow local files in the `ImageSourcePolicy`.")
+            )
         if os.path.isdir(source):
             raise ValueError(
                 f"Image path {source!r} is a directory, not an image file. Pass the path of a file inside it."
@@ -460,8 +545,11 @@ def image_processor_from_dict(config: dict, fast: bool | None):
 
 
 __all__ = [
+    "ImageSourcePolicy",
     "InfiMMImageProcessor",
     "InfiMMImageProcessorFast",
+    "image_source_policy",
+    "set_image_source_policy",
     "load_image",
     "pad_image_slots",
     "to_rgb_image",

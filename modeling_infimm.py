@@ -31,6 +31,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.generation.continuous_batching.cache import PagedAttentionCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -680,6 +681,30 @@ class InfiMMModel(InfiMMPreTrainedModel):
         features, encoded, blocks = self._encode_images(pixel_values[plan.encode], output_hidden_states)
         return plan.place(encoded), self._per_sample_image_outputs(features, encoded, blocks, plan.encode)
 
+    def _text_only_paged_forward(self, input_ids, pixel_values, attention_mask, position_ids, cache, inputs_embeds,
+                                 use_cache, output_hidden_states, **kwargs) -> "InfiMMModelOutputWithPast":
+        """Continuous batching (`generate_batch`, `init_continuous_batching`, `serve --continuous-batching`) packs its
+        requests into one row over a paged cache, which has no layers for the image state and no sequence length.
+        It takes token ids only, so its prompts are text-only, and a text-only prompt runs no cross-attention block:
+        the step is exactly the language model's, which supports the paged cache."""
+        media = self._image_media(input_ids, inputs_embeds)
+        if pixel_values is not None or (media is not None and bool(media.any())):
+            raise ValueError(
+                "Continuous batching runs text-only InfiMM prompts: this one has an `<image>` token. Run prompts "
+                "with images through `generate()` (`infimm serve --continuous-batching` does so by itself)."
+            )
+        kwargs.pop(_DECODING_KWARG, None)
+        # Handed on as `cache=`, the name continuous batching uses on every release: before 5.24 it is not the
+        # language model's cache argument but reaches the attention functions, which update the paged cache.
+        outputs = self.language_model.model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+            use_cache=use_cache, output_hidden_states=output_hidden_states, cache=cache, **kwargs,
+        )
+        return InfiMMModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state, **{_CACHE: getattr(outputs, _CACHE)},
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+        )
+
     @_accepts_old_cache_name
     @can_return_tuple
     def forward(
@@ -710,6 +735,9 @@ class InfiMMModel(InfiMMPreTrainedModel):
             The name of `cache` before transformers 5.24; either is accepted.
         """
         cache = _one_cache(cache, past_key_values)
+        if isinstance(cache, PagedAttentionCache):
+            return self._text_only_paged_forward(input_ids, pixel_values, attention_mask, position_ids, cache,
+                                                 inputs_embeds, use_cache, output_hidden_states, **kwargs)
         decoding = kwargs.pop(_DECODING_KWARG, False)
         if use_cache is None:
             use_cache = self.config.text_config.use_cache

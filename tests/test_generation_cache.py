@@ -229,3 +229,28 @@ def test_generate_uses_the_installed_cache_name_without_deprecation_warnings(cap
     finally:
         library_logger.propagate = False
     assert not [r.getMessage() for r in caplog.records if "deprecated" in r.getMessage()]
+
+
+def test_continuous_batching_text_only_equals_generate():
+    """`generate_batch` / `init_continuous_batching` pack requests into one row over a paged cache: text-only prompts
+    give `generate`'s tokens; a prompt with an `<image>` is refused by name."""
+    from transformers import ContinuousBatchingConfig, GenerationConfig
+
+    model = tiny_model()
+    ids = [[1, 415, 2936, 9060], [1, 330, 1215, 4630, 684, 1416, 264], [1, 4315]]
+    with torch.no_grad():
+        expected = [model.generate(torch.tensor([row]), max_new_tokens=6, do_sample=False, eos_token_id=2)[0, len(row):]
+                    .tolist() for row in ids]
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=2, pad_token_id=2)
+    small = ContinuousBatchingConfig(block_size=32, num_blocks=64, max_batch_tokens=256)  # CPU default: 60% of RAM
+    out = model.generate_batch(ids, generation_config=config, continuous_batching_config=small)
+    assert [out[f"req_{i}"].generated_tokens for i in range(len(ids))] == expected
+
+    manager = model.init_continuous_batching(generation_config=config, continuous_batching_config=small)
+    manager.start()
+    try:
+        failed = manager.add_request([1, 32001, 330, 8428], max_new_tokens=2)  # an <image> token
+        result = manager.get_result(request_id=failed, timeout=60)
+        assert result is not None and "text-only" in str(result.error)
+    finally:
+        manager.stop(block=True, timeout=60)
