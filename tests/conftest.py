@@ -32,6 +32,15 @@ if "infimm" not in sys.modules:
         spec.loader.exec_module(module)
 
 
+# What a saved folder's config.json must map, written out here as users' tools need it (not read from the package).
+EXPECTED_AUTO_MAP = {
+    "AutoConfig": "configuration_infimm.InfiMMConfig",
+    "AutoModel": "modeling_infimm.InfiMMForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_infimm.InfiMMForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_infimm.InfiMMForConditionalGeneration",
+}
+
+
 def tiny_config(preset: str = "infimm-zephyr", **overrides):
     """A few-hundred-k-parameter InfiMM with the preset's layout (real vocab and token ids)."""
     from infimm import InfiMMConfig

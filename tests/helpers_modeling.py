@@ -5,11 +5,10 @@
 - `standalone_lm`: the language model as a plain library class holding the same weights;
 - `perturb_norms`: norm scales and biases away from their init, so a misplaced norm changes the outputs;
 - `one_torch_thread`: an autouse fixture for the modules that import it;
-- `save_remote_code_folder` / `place_in_hub_cache`: a saved model folder as a Hub repo holds it, and the same
+- `save_remote_code_folder` / `place_in_hub_cache`: a model saved by the package's own save path, and the same
   files arranged as `huggingface_hub` arranges a downloaded snapshot.
 """
 
-import contextlib
 import hashlib
 import json
 import os
@@ -19,14 +18,6 @@ import pytest
 import timm
 import torch
 from transformers import AutoModelForCausalLM
-
-AUTO_MAP = {
-    "AutoConfig": "configuration_infimm.InfiMMConfig",
-    "AutoModel": "modeling_infimm.InfiMMForConditionalGeneration",
-    "AutoModelForCausalLM": "modeling_infimm.InfiMMForConditionalGeneration",
-    "AutoModelForImageTextToText": "modeling_infimm.InfiMMForConditionalGeneration",
-}
-
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
@@ -89,27 +80,13 @@ def standalone_lm(model) -> torch.nn.Module:
 
 
 # ------------------------------------------------------------------------------------------------ the Hub
-@contextlib.contextmanager
-def registered_for_auto_classes():
-    """Marks the two classes for remote-code saving, and restores the previous marks afterwards."""
-    from infimm import InfiMMConfig, InfiMMForConditionalGeneration
-
-    previous = (InfiMMConfig._auto_class, InfiMMForConditionalGeneration._auto_class)
-    InfiMMConfig.register_for_auto_class()
-    InfiMMForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
-    try:
-        yield
-    finally:
-        InfiMMConfig._auto_class, InfiMMForConditionalGeneration._auto_class = previous
-
-
 def save_remote_code_folder(model, folder, **save_kwargs) -> Path:
-    """`save_pretrained` with the `.py` files and an `auto_map` for AutoConfig and the three model Auto classes."""
-    folder = Path(folder)
-    model.config.auto_map = dict(AUTO_MAP)
-    with registered_for_auto_classes():
-        model.save_pretrained(folder, **save_kwargs)
-    return folder
+    """`model` saved as users save it, by the package's `save_hub_folder` (remote code, full `auto_map`, the
+    processor with the bundled release tokenizer); `save_kwargs` go to `save_pretrained`."""
+    from infimm import InfiMMProcessor
+    from infimm.hub_infimm import bundled_tokenizer, save_hub_folder
+
+    return save_hub_folder(model, InfiMMProcessor.from_config(model.config, bundled_tokenizer()), folder, **save_kwargs)
 
 
 def _git_blob_sha1(data: bytes) -> str:

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import IMAGES_DIR
+from conftest import EXPECTED_AUTO_MAP, IMAGES_DIR
 from infimm.hub_infimm import remote_code_files
 from test_processing import QUESTION, RELEASE_IDS, reference_pixels
 
@@ -108,13 +108,7 @@ def test_folder_layout(hub_folder):
     assert {"config.json", "processor_config.json", "chat_template.jinja", "tokenizer.json", "tokenizer_config.json",
             "configuration_infimm.py", "modeling_infimm.py", "processing_infimm.py", "image_processing_infimm.py",
             "model.safetensors"} <= names
-    auto_map = json.loads((hub_folder / "config.json").read_text())["auto_map"]
-    assert auto_map == {
-        "AutoConfig": "configuration_infimm.InfiMMConfig",
-        "AutoModel": "modeling_infimm.InfiMMForConditionalGeneration",
-        "AutoModelForCausalLM": "modeling_infimm.InfiMMForConditionalGeneration",
-        "AutoModelForImageTextToText": "modeling_infimm.InfiMMForConditionalGeneration",
-    }
+    assert json.loads((hub_folder / "config.json").read_text())["auto_map"] == EXPECTED_AUTO_MAP
     processor_config = json.loads((hub_folder / "processor_config.json").read_text())
     assert processor_config["auto_map"]["AutoProcessor"] == "processing_infimm.InfiMMProcessor"
     # a (PIL, torchvision) pair, so `use_fast` / `backend` can pick either class
