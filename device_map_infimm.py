@@ -72,8 +72,11 @@ def _device_loads(device_map: dict, sizes: dict) -> dict:
     return loads
 
 
-def meta_model(model_class, config, dtype=None) -> nn.Module:
-    """A `model_class` (an InfiMM class with its head) with no storage, to plan a map before loading any weight."""
+def meta_model(config, dtype=None, model_class=None) -> nn.Module:
+    """An InfiMM model (`model_class`, by default `InfiMMForConditionalGeneration`) with no storage, to plan a device
+    map before loading any weight."""
+    if model_class is None:
+        from .modeling_infimm import InfiMMForConditionalGeneration as model_class
     with torch.device("meta"):
         return model_class._from_config(config, dtype=dtype)
 

@@ -818,7 +818,7 @@ class InfiMMForConditionalGeneration(InfiMMPreTrainedModel, GenerationMixin):
         dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
         dtype = config.dtype if dtype in (None, "auto") else dtype
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        meta = meta_model(cls, config, dtype=dtype)
+        meta = meta_model(config, dtype=dtype, model_class=cls)
         return infer_device_map(meta, max_memory=kwargs.get("max_memory"), dtype=dtype, strategy=kwargs["device_map"])
 
     @property

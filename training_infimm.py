@@ -43,7 +43,7 @@ from transformers.utils import logging
 
 from .processing_infimm import conversation_images
 from .device_map_infimm import blocks_follow_layers, infer_device_map, place_blocks_with_layers
-from .device_map_infimm import meta_model as _meta_model
+from .device_map_infimm import meta_model
 
 
 logger = logging.get_logger(__name__)
@@ -656,13 +656,6 @@ def has_text_only_examples(rows) -> bool:
         if not images:
             return True
     return False
-
-
-def meta_model(config, dtype=None) -> nn.Module:
-    """An `InfiMMForConditionalGeneration` with no storage, to plan a device map before loading any weight."""
-    from .modeling_infimm import InfiMMForConditionalGeneration
-
-    return _meta_model(InfiMMForConditionalGeneration, config, dtype=dtype)
 
 
 __all__ = [

@@ -249,8 +249,7 @@ def weight_table(presets=PRESETS, backends=BACKENDS) -> tuple[str, dict]:
 
     raw = {}
     for preset in presets:
-        model = meta_model(infimm.InfiMMForConditionalGeneration, infimm.InfiMMConfig.from_preset(preset),
-                           dtype=torch.bfloat16)
+        model = meta_model(infimm.InfiMMConfig.from_preset(preset), dtype=torch.bfloat16)
         params = dict.fromkeys(PARTS, 0)
         for name, param in model.named_parameters():
             params[part_of(name)] += param.numel()
