@@ -56,6 +56,35 @@ def eva_last_block_tokens(eva, images: torch.Tensor) -> torch.Tensor:
     return eva_hidden_states(eva, images)[-1]
 
 
+class ForwardCalls:
+    """Counts the forward calls of `modules` and the rows (first-dimension entries) they took; use as a context
+    manager, or call `remove()`."""
+
+    def __init__(self, modules):
+        self.calls = 0
+        self.rows = 0
+        self.handles = [module.register_forward_hook(self._hook) for module in modules]
+
+    def _hook(self, module, args, output):
+        self.calls += 1
+        self.rows += args[0].shape[0]
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+
+def tower_calls(model) -> ForwardCalls:
+    """Counts the images that reach the vision tower (`rows`) and its calls."""
+    return ForwardCalls([model.model.vision_tower.timm_model.patch_embed])
+
+
 def perturb_norms(model, seed: int = 0, spread: float = 0.2):
     """Moves every LayerNorm / RMSNorm scale (and bias) away from 1 (and 0).
 

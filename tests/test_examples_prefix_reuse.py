@@ -11,6 +11,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import REPO, tiny_model
+from helpers_modeling import tower_calls
 
 from infimm import InfiMMProcessor
 
@@ -34,15 +35,6 @@ def model_and_processor():
     return model, processor
 
 
-class _TowerImages:
-    def __init__(self, model):
-        self.count = 0
-        self.handle = model.model.vision_tower.timm_model.patch_embed.register_forward_hook(self._hook)
-
-    def _hook(self, module, args, output):
-        self.count += args[0].shape[0]
-
-
 def _reference_answer(model, processor, messages):
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                            return_tensors="pt")
@@ -55,14 +47,14 @@ def test_chat_turns_reuse_the_conversation_and_answer_as_the_full_prompt(model_a
     model, processor = model_and_processor
     conversation = chat.Chat(model, processor, **GENERATE)
     turns = [(first_turn_images, "What is this?"), ([], "And its colour?"), ([GREEN, BLUE], "Compare them.")]
-    tower = _TowerImages(model)
+    tower = tower_calls(model)
     try:
         for number, (images, text) in enumerate(turns):
             history = list(conversation.messages)
             conversation.attach(*images)
-            tower.count = 0
+            tower.rows = 0
             answer = conversation.send(text)
-            encoded = tower.count
+            encoded = tower.rows
             user = {"role": "user", "content": [*({"type": "image", "image": i} for i in images),
                                                 {"type": "text", "text": text}]}
             assert answer == _reference_answer(model, processor, [*history, user]), number
@@ -73,22 +65,22 @@ def test_chat_turns_reuse_the_conversation_and_answer_as_the_full_prompt(model_a
             assert encoded == want, number
             assert conversation.cache is not None and conversation.cache.get_seq_length() > 0
     finally:
-        tower.handle.remove()
+        tower.remove()
 
 
 def test_few_shot_demonstrations_are_encoded_once(model_and_processor):
     model, processor = model_and_processor
     shots = [(RED, "A red square."), (GREEN, "A green square.")]
     queries = [BLUE, GREY, RED]
-    tower = _TowerImages(model)
+    tower = tower_calls(model)
     try:
         reused = few_shot.few_shot(model, processor, shots, queries, **GENERATE)
-        encoded_with_reuse = tower.count
-        tower.count = 0
+        encoded_with_reuse = tower.rows
+        tower.rows = 0
         fresh = few_shot.few_shot(model, processor, shots, queries, reuse_shots=False, **GENERATE)
-        encoded_without = tower.count
+        encoded_without = tower.rows
     finally:
-        tower.handle.remove()
+        tower.remove()
     assert reused == fresh
     assert encoded_with_reuse == len(shots) + len(queries)  # the shots once, then one image per query
     assert encoded_without == (len(shots) + 1) * len(queries)

@@ -10,6 +10,7 @@ from packaging.version import Version
 from transformers import TextIteratorStreamer
 
 from conftest import TOKENIZER_DIR, tiny_model
+from helpers_modeling import ForwardCalls, tower_calls
 from infimm.image_state_infimm import image_layer
 from infimm.modeling_infimm import _DECODING_KWARG
 
@@ -36,21 +37,6 @@ def _prompt_batch():
     pixels[0, 1:] = 0
     image_mask = torch.tensor([[True, False, False], [True, True, True]])
     return ids, mask, pixels, image_mask
-
-
-class _CallCounter:
-    def __init__(self, modules):
-        self.calls = 0
-        self.rows = 0
-        self.handles = [m.register_forward_hook(self._hook) for m in modules]
-
-    def _hook(self, module, args, output):
-        self.calls += 1
-        self.rows += args[0].shape[0]
-
-    def remove(self):
-        for handle in self.handles:
-            handle.remove()
 
 
 @torch.no_grad()
@@ -88,7 +74,7 @@ def test_decode_steps_never_project_image_keys_values():
     model = tiny_model()
     ids, mask, pixels, image_mask = _prompt_batch()
     blocks = list(model.model.cross_attention_layers.values())
-    counter = _CallCounter([block.attn.to_kv for block in blocks])
+    counter = ForwardCalls([block.attn.to_kv for block in blocks])
     new_tokens = 6
     out = model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_mask=image_mask,
                          max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
@@ -101,7 +87,7 @@ def test_decode_steps_never_project_image_keys_values():
 def test_padding_images_never_reach_the_vision_tower(num_beams):
     model = tiny_model()
     ids, mask, pixels, image_mask = _prompt_batch()
-    counter = _CallCounter([model.model.vision_tower.timm_model.patch_embed])
+    counter = tower_calls(model)
     model.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_mask=image_mask,
                    max_new_tokens=3, do_sample=False, num_beams=num_beams)
     counter.remove()
@@ -113,7 +99,7 @@ def test_padding_images_skipped_without_image_mask():
     """Without `image_mask`, the `<image>` token count of each sample says which slots are real."""
     model = tiny_model()
     ids, mask, pixels, _ = _prompt_batch()
-    counter = _CallCounter([model.model.vision_tower.timm_model.patch_embed])
+    counter = tower_calls(model)
     model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
     counter.remove()
     assert counter.rows == 4

@@ -16,6 +16,7 @@ from packaging.version import Version
 from transformers import DynamicCache
 
 from conftest import tiny_model
+from helpers_modeling import tower_calls
 
 from infimm.image_state_infimm import image_layer
 
@@ -73,23 +74,6 @@ def _extend(prefix, new_tokens, new_images):
     return dict(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_mask=image_mask)
 
 
-class _TowerCalls:
-    """Counts the images that reach the vision tower."""
-
-    def __init__(self, model):
-        self.images = 0
-        self.handle = model.model.vision_tower.timm_model.patch_embed.register_forward_hook(self._count)
-
-    def _count(self, module, args, output):
-        self.images += args[0].shape[0]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.handle.remove()
-
-
 @torch.no_grad()
 def _prefix_cache(model, prefix):
     """The prefix run once. With left padding it takes the positions generate() gives a prompt (as for any LM)."""
@@ -104,9 +88,9 @@ def _assert_continues_exactly(model, prefix, full, expected_encoded, **generate_
     """generate() of the full prompt from the prefix's cache == without any cache: tokens and every step's scores."""
     cache = _prefix_cache(model, prefix)
     reference = model.generate(**full, **GREEDY, **generate_kwargs)
-    with _TowerCalls(model) as calls:
+    with tower_calls(model) as calls:
         cached = model.generate(**full, **{CACHE: copy.deepcopy(cache)}, **GREEDY, **generate_kwargs)
-    assert calls.images == expected_encoded  # only the images the prefix does not hold
+    assert calls.rows == expected_encoded  # only the images the prefix does not hold
     assert torch.equal(cached.sequences, reference.sequences)
     for got, want in zip(cached.scores, reference.scores, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
@@ -174,9 +158,9 @@ def test_few_shot_queries_share_one_cached_prefix(model):
     cache.batch_repeat_interleave(3)
     with torch.no_grad():
         reference = model.generate(**full, **GREEDY)
-        with _TowerCalls(model) as calls:
+        with tower_calls(model) as calls:
             cached = model.generate(**full, **{CACHE: cache}, **GREEDY)
-    assert calls.images == 3
+    assert calls.rows == 3
     assert torch.equal(cached.sequences, reference.sequences)
     for got, want in zip(cached.scores, reference.scores, strict=True):
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
