@@ -277,10 +277,10 @@ class InfiMMModelTest(ModelTesterMixin, GenerationTesterMixin, unittest.TestCase
 # prefix -> cause). A failure listed here with a different message than the cause describes needs a fresh look.
 DIAGNOSES = {
     "test_training_gradient_checkpointing_use_reentrant_true": (
-        "InfiMM: with reentrant checkpointing a cross-attention block does not see the resampled latents as an "
-        "input (they travel inside the ImageInputs object), so each block's recomputation backpropagates into the "
-        "resampler's graph and the second block finds it freed. Fix: hand `image_inputs.latents` to the block as "
-        "a positional tensor."
+        "InfiMM: with reentrant checkpointing a cross-attention block must see the resampled latents as a "
+        "positional tensor input; if they travel inside another object, each block's recomputation backpropagates "
+        "into the resampler's graph and the second block finds it freed. Fix: hand the latents to the block as a "
+        "positional tensor."
     ),
     "test_multimodal_outputs_are_returned": (
         "InfiMM: forward's `image_outputs` lists the encoded images flat (one entry per image) where "
