@@ -17,12 +17,15 @@ from transformers import AddedToken, AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import ProcessingKwargs, ProcessorMixin
 
-from .image_processing_infimm import (
+from .image_processing_infimm import (  # the image processors and loaders are also importable from here, as before
     InfiMMImageProcessor,
+    InfiMMImageProcessorFast,
     image_processor_from_dict,
     is_image_batch,
     is_single_image,
+    load_image,
     pad_image_slots,
+    to_rgb_image,
     wants_fast_image_processor,
 )
 from .release_infimm import HUB_KWARGS
@@ -565,6 +568,10 @@ def _is_flat_sequence(ids) -> bool:
 
 __all__ = [
     "InfiMMProcessor",
+    "InfiMMImageProcessor",
+    "InfiMMImageProcessorFast",
+    "load_image",
+    "to_rgb_image",
     "CHAT_FORMATS",
     "ChatMessageError",
     "chat_template_for",
