@@ -405,4 +405,4 @@ class InfiMMDataCollator:
         return EncodedExample(input_ids, sample.labels[window], images)
 
 
-__all__ = ["InfiMMDataCollator", "EncodedExample", "IGNORE_INDEX", "fill_image_placeholders"]
+__all__ = ["InfiMMDataCollator", "EncodedExample", "IGNORE_INDEX", "conversation_images", "fill_image_placeholders"]

@@ -566,6 +566,13 @@ def _is_flat_sequence(ids) -> bool:
     )
 
 
+def __getattr__(name):
+    # `CHAT_TEMPLATES` (format -> template text) as earlier releases exposed it, read from the files when asked for.
+    if name == "CHAT_TEMPLATES":
+        return {chat_format: chat_template_for(chat_format) for chat_format in CHAT_FORMATS}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "InfiMMProcessor",
     "InfiMMImageProcessor",

@@ -23,7 +23,7 @@ from PIL import Image
 from torchvision import transforms as T
 from transformers import AutoTokenizer, CLIPImageProcessorPil, PreTrainedTokenizerFast
 
-from conftest import IMAGES_DIR, TOKENIZER_DIR
+from conftest import IMAGES_DIR, REPO, TOKENIZER_DIR
 from infimm import InfiMMConfig, InfiMMImageProcessor, InfiMMProcessor
 from infimm.image_processing_infimm import InfiMMImageProcessorFast
 
@@ -716,3 +716,15 @@ def test_image_slots_are_laid_out_by_hand(library):
     assert pad_image_slots(pixels[:0], [0, 0]) == {}
     with pytest.raises(ValueError, match=r"3 images for samples holding 2"):
         pad_image_slots(pixels, [1, 1])
+
+
+def test_chat_templates_come_from_the_package_files():
+    from infimm.processing_infimm import CHAT_FORMATS, CHAT_TEMPLATES, chat_template_for
+
+    templates = REPO / "assets" / "chat_templates"
+    macro = (templates / "render_content.jinja").read_text()
+    for chat_format in ("zephyr", "vicuna", "llama2"):
+        assert chat_template_for(chat_format) == macro + (templates / f"{chat_format}.jinja").read_text()
+    assert CHAT_TEMPLATES == {name: chat_template_for(name) for name in CHAT_FORMATS} and CHAT_TEMPLATES["none"] is None
+    with pytest.raises(ValueError, match="`chat_format` must be one of"):
+        chat_template_for("chatml")
