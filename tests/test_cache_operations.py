@@ -10,8 +10,6 @@ against `generate(..., use_cache=False)`.
 
 import pytest
 import torch
-import transformers
-from packaging.version import Version
 from transformers import DynamicCache, StaticCache
 
 from conftest import tiny_model
@@ -19,24 +17,8 @@ from helpers_modeling import one_torch_thread  # noqa: F401  (autouse fixture)
 
 from infimm.image_state_infimm import ImageCacheLayer, image_layer, image_state
 
-IMAGE, EOC, BOS, PAD = 32001, 32000, 1, 2
-# transformers 5.24 renamed the cache argument `past_key_values` -> `cache`; read off the release number.
-CACHE = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
-GREEDY = dict(do_sample=False, max_new_tokens=5, min_new_tokens=5, return_dict_in_generate=True, output_scores=True)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model(seed=3, gates=1.0)
-
-
-# ------------------------------------------------------------------------------------------------------ prompts
-def _text(n, seed):
-    return torch.randint(3, 31000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _images(n, seed):
-    return torch.randn(n, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
+# The same tiny model, prompts and greedy settings as the prefix-reuse tests.
+from test_prefix_reuse import BOS, CACHE, EOC, GREEDY, IMAGE, PAD, _images, _text, model  # noqa: E402,F401
 
 
 # Two samples with different image counts; the first is left-padded in a batch.

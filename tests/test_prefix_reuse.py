@@ -11,18 +11,16 @@ import copy
 
 import pytest
 import torch
-import transformers
-from packaging.version import Version
 from transformers import DynamicCache
 
 from conftest import tiny_model
 from helpers_modeling import tower_calls
 
+from infimm import CACHE_ARGUMENT
 from infimm.image_state_infimm import image_layer
 
 IMAGE, EOC, BOS, PAD = 32001, 32000, 1, 2
-# transformers 5.24 renamed the cache argument `past_key_values` -> `cache`; read off the release number.
-CACHE = "cache" if Version(transformers.__version__) >= Version("5.24.0.dev0") else "past_key_values"
+CACHE = CACHE_ARGUMENT  # `cache` from transformers 5.24, `past_key_values` before
 GREEDY = dict(do_sample=False, max_new_tokens=5, min_new_tokens=5, return_dict_in_generate=True, output_scores=True)
 
 
