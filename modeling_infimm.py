@@ -21,6 +21,7 @@ from .versions_infimm import TRANSFORMERS_REQUIREMENT  # noqa: F401  (first: ref
 
 import copy
 import inspect
+import os
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
@@ -426,6 +427,19 @@ def as_image_batch(pixel_values: torch.Tensor, image_size: int) -> torch.Tensor:
     return pixel_values
 
 
+def _verify_folder_checksums(folder) -> None:
+    """`from_pretrained(..., verify_checksums=True)`: the converter's check of a local folder, before any weight loads."""
+    if not os.path.isdir(folder):
+        raise ValueError(f"`verify_checksums=True` checks a local folder; {folder!r} is not one. Download the "
+                         "snapshot first (huggingface_hub.snapshot_download) and pass its path.")
+    try:
+        from infimm.convert_weights.verify import verify_checksums
+    except ImportError as err:
+        raise ValueError("`verify_checksums=True` needs the infimm package (`pip install infimm`), whose converter "
+                         "recorded the checksums and checks them.") from err
+    verify_checksums(folder)
+
+
 class InfiMMPreTrainedModel(PreTrainedModel):
     config_class = InfiMMConfig
     config: InfiMMConfig
@@ -454,8 +468,15 @@ class InfiMMPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """With a `quantization_config` that names no modules to skip, `_modules_to_not_quantize` stay float."""
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, verify_checksums: bool = False, **kwargs):
+        """With a `quantization_config` that names no modules to skip, `_modules_to_not_quantize` stay float.
+
+        `verify_checksums=True` first checks a local folder's shards against the SHA-256 the converter recorded
+        when it wrote them (safetensors carries no checksum of its own, so a flipped byte would otherwise load
+        silently); it reads every shard once, hence off by default. Needs the `infimm` package (its converter).
+        """
+        if verify_checksums:
+            _verify_folder_checksums(pretrained_model_name_or_path)
         if kwargs.get("quantization_config") is not None:
             kwargs["quantization_config"] = _with_default_skips(
                 kwargs["quantization_config"], cls._modules_to_not_quantize

@@ -36,7 +36,7 @@ from infimm.convert_weights import ConversionError
 from infimm.convert_weights.__main__ import main
 from infimm.convert_weights.convert import load_config
 from infimm.convert_weights.reader import TensorRef
-from infimm import InfiMMConfig
+from infimm import InfiMMConfig, InfiMMForConditionalGeneration
 from infimm.release_infimm import legacy_config_to_dict
 
 SHARD = "4MB"  # the tiny model in more than one shard
@@ -216,6 +216,14 @@ def test_flipped_byte_is_reported_as_corruption(converted, tmp_path, capsys, lay
     assert all(name not in message for name in shards if name != victim), message
     with pytest.raises(ConversionError, match=re.escape(victim)):
         convert_weights.verify_checksums(folder)
+    # the loader, asked to check, refuses before loading any weight
+    with pytest.raises(ConversionError, match=re.escape(victim)):
+        InfiMMForConditionalGeneration.from_pretrained(folder, verify_checksums=True)
+
+
+def test_the_loader_checks_an_intact_folder_when_asked(converted):
+    model = InfiMMForConditionalGeneration.from_pretrained(converted["sharded"], verify_checksums=True)
+    assert isinstance(model, InfiMMForConditionalGeneration)
 
 
 def test_verify_says_when_no_checksums_were_recorded(converted, tmp_path, capsys):
